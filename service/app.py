@@ -1,0 +1,138 @@
+"""The application factory. It does no I/O: resources open in cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from . import auth
+from .config import Settings
+from .db import Database
+from .delivery.inngest import InngestClient
+from .delivery.notify import Listener
+from .delivery.worker import DeliveryWorker
+from .intake import DocumentIntake
+from .keys import DATABASE, INTAKE, PASSWORDS, S3_CHECKER, SESSIONS, SETTINGS, WAKE, WORKER
+from .storage import S3CredentialChecker
+from .web import documents, health, sessions
+from .web.middlewares import request_middleware
+
+
+def create_app(settings: Settings) -> web.Application:
+    # The body limit is enforced by aiohttp too, for bodies read without
+    # Content-Length (chunked); the handlers give the friendlier error first.
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[request_middleware],
+    )
+    # Sessions are aiohttp-session's encrypted cookies, read where needed
+    # (auth.current_user) rather than by a middleware on every request.
+    app[SESSIONS] = auth.session_storage(settings)
+    app[SETTINGS] = settings
+    app[S3_CHECKER] = S3CredentialChecker(
+        settings.s3_bucket,
+        interval_seconds=settings.s3_check_interval_seconds,
+    )
+
+    app[WAKE] = asyncio.Event()
+    app[PASSWORDS] = auth.PasswordVerifier()
+
+    # Cleanup runs in reverse order: the engine closes last.
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_intake)
+    if settings.run_worker:
+        app.cleanup_ctx.append(_delivery)
+    app.cleanup_ctx.append(_s3_checks)
+
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_post("/auth/login", sessions.login)
+    app.router.add_post("/auth/logout", sessions.logout)
+    app.router.add_get("/auth/me", sessions.me)
+    app.router.add_post("/api", documents.post_document)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    db = Database(app[SETTINGS].database_url)
+    await db.start()
+    app[DATABASE] = db
+    # The hash an unknown user's password is checked against, made off the loop.
+    await app[PASSWORDS].prepare()
+    yield
+    await db.close()
+
+
+async def _intake(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    intake = DocumentIntake(
+        app[DATABASE],
+        queue_limit=settings.write_queue_limit,
+        batch_limit=settings.write_batch_limit,
+        on_commit=lambda _count: app[WAKE].set(),
+    )
+    app[INTAKE] = intake
+    await intake.start()
+    yield
+    await intake.close()
+
+
+def inngest_session(settings: Settings) -> aiohttp.ClientSession:
+    """One shared client session; per-request timeouts are the InngestClient's."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max(settings.worker_max_in_flight * 2, 8)),
+        timeout=aiohttp.ClientTimeout(total=settings.inngest_timeout_seconds),
+    )
+
+
+def inngest_client(settings: Settings, session: aiohttp.ClientSession) -> InngestClient:
+    return InngestClient(
+        session,
+        base_url=settings.inngest_base_url,
+        event_key=settings.inngest_event_key or "",
+        env=settings.inngest_env,
+        timeout_seconds=settings.inngest_timeout_seconds,
+    )
+
+
+async def _delivery(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with inngest_session(settings) as session:
+        worker = DeliveryWorker(
+            app[DATABASE], inngest_client(settings, session), settings, wake=app[WAKE]
+        )
+        app[WORKER] = worker
+        task = asyncio.create_task(worker.run(), name="delivery-worker")
+        retention = asyncio.create_task(worker.purge_forever(), name="outbox-retention")
+        listener = listen_for_commits(app[DATABASE], app[WAKE])
+        yield
+        await _cancel(retention)
+        await worker.stop()
+        await _cancel(task)
+        if listener is not None:
+            await _cancel(listener)
+
+
+def listen_for_commits(db: Database, wake: asyncio.Event) -> asyncio.Task[None] | None:
+    """On PostgreSQL, commits of other processes and hosts wake this worker."""
+    if db.dialect != "postgresql":
+        return None
+    return asyncio.create_task(Listener(db.url, wake).run(), name="outbox-listener")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _s3_checks(app: web.Application) -> AsyncIterator[None]:
+    checker = app[S3_CHECKER]
+    await checker.check_now()
+    task = asyncio.create_task(checker.run(), name="s3-credential-check")
+    yield
+    await _cancel(task)

@@ -1,0 +1,238 @@
+"""Users, password hashing and the session that says who is logged in."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from aiohttp import hdrs, web
+from aiohttp_session import Session
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.exc import IntegrityError
+
+from .config import Settings
+from .db import Database
+from .models import users
+
+MAX_CACHED_COOKIE_HEADER = 1024
+USERNAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    is_admin: bool
+
+
+class UserExists(Exception):
+    pass
+
+
+class InvalidUserInput(ValueError):
+    pass
+
+
+@functools.cache
+def _hasher() -> PasswordHasher:
+    return PasswordHasher()  # argon2id with the library's current defaults
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Verified against when the user does not exist, so that an unknown name
+    # costs the same time as a wrong password: no user enumeration by timing.
+    return _hasher().hash("not a password of anyone")
+
+
+def validate_username(username: str) -> str:
+    if not USERNAME_RE.fullmatch(username):
+        raise InvalidUserInput(
+            "a username is 1 to 64 characters of letters, digits, '.', '_', '@' and '-'"
+        )
+    return username
+
+
+def validate_password(password: str) -> str:
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise InvalidUserInput(
+            f"a password is {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters long"
+        )
+    return password
+
+
+async def hash_password(password: str) -> str:
+    return await asyncio.to_thread(_hasher().hash, password)
+
+
+async def create_user(
+    db: Database, username: str, password: str, *, is_admin: bool = False
+) -> User:
+    validate_username(username)
+    validate_password(password)
+    password_hash = await hash_password(password)
+    statement = (
+        users.insert()
+        .values(
+            username=username,
+            password_hash=password_hash,
+            is_admin=is_admin,
+            created_at=datetime.now(UTC),
+        )
+        .returning(users.c.id)
+    )
+    try:
+        user_id = await db.write(lambda conn: conn.execute(statement).scalar_one())
+    except IntegrityError:
+        raise UserExists(username) from None
+    return User(id=user_id, username=username, is_admin=is_admin)
+
+
+class VerifierBusy(Exception):
+    """Too many logins are waiting for a password check."""
+
+
+class PasswordVerifier:
+    """Checks passwords off the event loop, a few at a time.
+
+    Each argon2 verification takes ~64 MiB and tens of milliseconds of CPU;
+    unbounded, a burst of logins would take the memory of the machine and
+    every thread of the default pool.
+    """
+
+    def __init__(self, *, concurrency: int | None = None, max_waiting: int = 64) -> None:
+        self._slots = asyncio.Semaphore(concurrency or min(os.cpu_count() or 2, 8))
+        self._max_waiting = max_waiting
+        self._waiting = 0
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(_dummy_hash)
+
+    async def verify(self, stored: str, password: str) -> bool:
+        if self._waiting >= self._max_waiting:
+            raise VerifierBusy()
+        self._waiting += 1
+        try:
+            async with self._slots:
+                return await asyncio.to_thread(_verify, stored, password)
+        finally:
+            self._waiting -= 1
+
+    async def authenticate(self, db: Database, username: str, password: str) -> User | None:
+        """The user if the password is right; None for a wrong password or unknown user alike."""
+        async with db.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(
+                        users.c.id, users.c.username, users.c.password_hash, users.c.is_admin
+                    ).where(users.c.username == username)
+                )
+            ).first()
+        stored = row.password_hash if row is not None else _dummy_hash()
+        if not await self.verify(stored, password) or row is None:
+            return None
+        if _hasher().check_needs_rehash(stored):
+            rehash = (
+                users.update()
+                .where(users.c.id == row.id)
+                .values(password_hash=await hash_password(password))
+            )
+            await db.write(lambda conn: conn.execute(rehash))
+        return User(id=row.id, username=row.username, is_admin=row.is_admin)
+
+
+def _verify(stored: str, password: str) -> bool:
+    try:
+        return _hasher().verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+class CachedCookieStorage(EncryptedCookieStorage):
+    """aiohttp-session's encrypted cookies, with decrypted cookies remembered.
+
+    A client sends the same cookie on every request; decrypting and verifying
+    it each time (Fernet, then JSON) was the largest cost of a POST /api. The
+    cache maps a Cookie header, byte for byte, to what decrypting it gave, and
+    is filled only by a successful decrypt, so it accepts exactly what the
+    storage would accept, until the session's age passes max_age.
+    """
+
+    def __init__(self, secret_key: bytes, *, cache_size: int = 10_000, **kwargs: Any) -> None:
+        super().__init__(secret_key, **kwargs)
+        self._cache: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def load_session(self, request: web.Request) -> Session:
+        header = request.headers.get(hdrs.COOKIE)
+        if header is not None and (hit := self._cache.get(header)) is not None:
+            expires_at, data = hit
+            if time.time() < expires_at:
+                self._cache.move_to_end(header)
+                return Session(None, data=data, new=False, max_age=self.max_age)
+            del self._cache[header]
+        session = await super().load_session(request)
+        # Short headers only: a client must not fill the cache with 8 KiB keys
+        # by varying another cookie.
+        if header is not None and not session.new and len(header) <= MAX_CACHED_COOKIE_HEADER:
+            expires_at = session.created + self.max_age if self.max_age else float("inf")
+            self._cache[header] = (
+                expires_at,
+                {"created": session.created, "session": dict(session)},
+            )
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return session
+
+
+def session_storage(settings: Settings) -> CachedCookieStorage:
+    assert settings.session_secret is not None, "checked by Settings.check_production / dev"
+    return CachedCookieStorage(
+        settings.session_secret,
+        cookie_name=settings.session_cookie_name,
+        max_age=settings.session_max_age_seconds,
+        httponly=True,
+        samesite="Lax",
+        secure=settings.session_cookie_secure or None,
+        path="/",
+    )
+
+
+async def log_in(
+    storage: EncryptedCookieStorage, request: web.Request, response: web.Response, user: User
+) -> None:
+    # Always a new session: a cookie planted before login is not reused (fixation).
+    session = Session(None, data=None, new=True, max_age=storage.max_age)
+    session["uid"] = user.id
+    session["name"] = user.username
+    session["admin"] = user.is_admin
+    await storage.save_session(request, response, session)
+
+
+async def log_out(
+    storage: EncryptedCookieStorage, request: web.Request, response: web.Response
+) -> None:
+    # An empty session: the storage deletes the cookie.
+    await storage.save_session(request, response, Session(None, data={}, new=True))
+
+
+async def current_user(storage: EncryptedCookieStorage, request: web.Request) -> User | None:
+    """Who the session cookie says is logged in (no session middleware: it is read
+    only where it is needed, through the decrypted-cookie cache)."""
+    session = await storage.load_session(request)
+    uid = session.get("uid")
+    if not isinstance(uid, int) or session.new:
+        return None
+    return User(id=uid, username=str(session.get("name")), is_admin=bool(session.get("admin")))

@@ -1,0 +1,369 @@
+"""The database: engines, the SQLite connection rules, and how writes are made.
+
+Reads go through one AsyncEngine (aiosqlite or asyncpg). Writes go through
+``Database.write(job)``, where a job is a plain function of a SQLAlchemy
+Connection run inside a transaction:
+
+- On SQLite, every write of the process runs on ONE thread with ONE
+  connection (``SQLiteWriter``). Jobs that arrive while a transaction commits
+  share the next one (group commit: one fsync for all of them), each in its
+  own SAVEPOINT so that one failing job fails alone. The process's writers
+  never meet at SQLite's lock, whose busy handler sleeps between tries, and a
+  transaction costs one hand-off to the thread, not one per statement.
+- On PostgreSQL, a job runs in a transaction of its own on the async engine;
+  the server handles concurrent writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Job = Callable[[Connection], T]
+
+SQLITE_BUSY_TIMEOUT_MS = 5000
+MIN_SQLITE = (3, 35, 0)
+_BEGIN_OPTION = "sqlite_begin"
+
+
+class RawJSON(str):
+    """JSON text that was already serialised (and measured); stored as it is."""
+
+
+def dumps(value: Any) -> str:
+    if isinstance(value, RawJSON):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def sqlite_time(value: datetime) -> str:
+    """A UTC timestamp as SQLAlchemy stores it in SQLite (text that sorts in time order)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> AsyncEngine:
+    engine = create_async_engine(
+        url,
+        json_serializer=dumps,
+        json_deserializer=json.loads,
+        # Statement parameters hold documents, events and password hashes:
+        # keep them out of error messages and so out of the logs.
+        hide_parameters=True,
+        **kwargs,
+    )
+    if engine.dialect.name == "sqlite":
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise RuntimeError(
+                f"SQLite {sqlite3.sqlite_version} is too old: RETURNING needs 3.35 or newer"
+            )
+        _configure_sqlite(engine, foreign_keys=foreign_keys)
+    return engine
+
+
+def write_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool, but SQLite transactions start with BEGIN IMMEDIATE."""
+    return engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+
+
+class DatabaseClosed(Exception):
+    """The database no longer takes writes (the process is shutting down)."""
+
+
+class Database:
+    """The process's database: ``engine`` for reads, ``write()`` for writes."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = url
+        self.engine = create_engine(url, **engine_kwargs)
+        self._writer = SQLiteWriter(url) if self.engine.dialect.name == "sqlite" else None
+        self._closed = False
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def start(self) -> None:
+        if self._writer is not None:
+            self._writer.start()
+
+    async def write(self, job: Job[T]) -> T:
+        """Run ``job`` in a committed transaction; raise what it raised (nothing kept)."""
+        if self._closed:
+            raise DatabaseClosed()
+        if self._writer is not None:
+            return await self._writer.run(job)
+        async with write_engine(self.engine).begin() as conn:
+            return await conn.run_sync(job)
+
+    @property
+    def writer_healthy(self) -> bool:
+        return self._writer is None or self._writer.healthy
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.close)
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Database:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+@dataclass(slots=True)
+class _Queued:
+    job: Job[Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class SQLiteWriter:
+    """One thread and one connection for every write of this process."""
+
+    def __init__(
+        self, url: str, *, max_jobs_per_transaction: int = 1024, checkpoint_seconds: float = 0.5
+    ) -> None:
+        sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+        self._engine: Engine = sa.create_engine(
+            sync_url,
+            json_serializer=dumps,
+            json_deserializer=json.loads,
+            hide_parameters=True,
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+        _configure_sqlite_sync(self._engine, foreign_keys=True)
+
+        @event.listens_for(self._engine, "connect")
+        def _no_inline_checkpoints(dbapi_connection: Any, _record: Any) -> None:
+            # The checkpointer thread copies the WAL into the database file;
+            # a commit never waits for that copy and its fsync.
+            dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
+
+        self._path = make_url(url).database or ""
+        self._checkpoint_seconds = checkpoint_seconds
+        self._stopped = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._write = self._engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        self._jobs: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
+        self._max = max_jobs_per_transaction
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._broken: BaseException | None = None
+        # Makes "check closed, then queue" atomic with close()'s stop marker.
+        self._queue_lock = threading.Lock()
+        self.transactions = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._broken is None
+
+    def start(self) -> None:
+        # Opened here, not on the thread: a database that cannot be opened
+        # fails the start-up, loudly, instead of a writer that never answers.
+        conn = self._write.connect()
+        self._thread = threading.Thread(
+            target=self._serve, args=(conn,), name="sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        if self._path and self._path != ":memory:":
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint, name="sqlite-checkpointer", daemon=True
+            )
+            self._checkpointer.start()
+
+    def _checkpoint(self) -> None:
+        """PASSIVE checkpoints every so often: they never block the writer."""
+        conn = sqlite3.connect(self._path, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous=FULL")
+            while not self._stopped.wait(self._checkpoint_seconds):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    async def run(self, job: Job[T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._queue_lock:
+            if self._closed or self._broken is not None or self._thread is None:
+                raise DatabaseClosed()
+            self._jobs.put(_Queued(job, future, loop))
+        return await future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread (blocking)."""
+        with self._queue_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._thread is not None:
+                self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join()
+        self._fail_queued(DatabaseClosed())
+        self._stopped.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        self._engine.dispose()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            self._serve_jobs(conn)
+        except BaseException as exc:  # the writer must never die silently
+            log.critical("the SQLite writer thread failed; writes are refused", exc_info=exc)
+            with self._queue_lock:
+                self._broken = exc
+            self._fail_queued(DatabaseClosed())
+        finally:
+            conn.close()
+
+    def _fail_queued(self, error: BaseException) -> None:
+        failed: list[tuple[_Queued, Any, BaseException | None]] = []
+        while True:
+            try:
+                queued = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if queued is not None:
+                failed.append((queued, None, error))
+        _settle_threadsafe(failed)
+
+    def _serve_jobs(self, conn: Connection) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max:
+                try:
+                    queued = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is None:
+                    stop = True
+                    break
+                batch.append(queued)
+            self._transact(conn, batch)
+            if stop:
+                return
+
+    def _transact(self, conn: Connection, batch: list[_Queued]) -> None:
+        # A job whose caller gave up before it started is not run.
+        batch = [q for q in batch if not q.future.cancelled()]
+        if not batch:
+            return
+        outcomes: list[tuple[_Queued, Any, BaseException | None]] = []
+        try:
+            self._run_batch(conn, batch, outcomes)
+        except Exception as exc:
+            # BEGIN or COMMIT failed (disk full, I/O error): nothing was kept.
+            log.error("SQLite transaction of %d jobs failed: %s", len(batch), exc)
+            outcomes = [(queued, None, exc) for queued in batch]
+        except BaseException as exc:
+            # The thread is going down: no caller may wait forever.
+            with self._queue_lock:
+                self._broken = exc
+            _settle_threadsafe([(queued, None, DatabaseClosed()) for queued in batch])
+            raise
+        else:
+            self.transactions += 1
+        _settle_threadsafe(outcomes)
+
+    def _run_batch(
+        self,
+        conn: Connection,
+        batch: list[_Queued],
+        outcomes: list[tuple[_Queued, Any, BaseException | None]],
+    ) -> None:
+        """One transaction for the batch; each job in a savepoint of its own."""
+        with conn.begin():
+            for queued in batch:
+                savepoint = conn.begin_nested()
+                try:
+                    result = queued.job(conn)
+                except Exception as exc:
+                    try:
+                        savepoint.rollback()
+                    except Exception as rollback_error:
+                        # SQLite rolled the whole transaction back (disk full,
+                        # I/O error): report the cause, not the lost savepoint.
+                        raise exc from rollback_error
+                    outcomes.append((queued, None, exc))
+                else:
+                    savepoint.commit()
+                    outcomes.append((queued, result, None))
+
+
+def _settle_threadsafe(outcomes: list[tuple[_Queued, Any, BaseException | None]]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].loop, []).append(outcome)
+    for loop, settled in by_loop.items():
+        # One wake-up of the event loop per transaction, not one per job.
+        try:
+            loop.call_soon_threadsafe(_settle, settled)
+        except RuntimeError:  # that loop is closed: nobody is waiting
+            pass
+
+
+def _settle(outcomes: list[tuple[_Queued, Any, BaseException | None]]) -> None:
+    for queued, result, error in outcomes:
+        if queued.future.done():
+            continue
+        if error is not None:
+            queued.future.set_exception(error)
+        else:
+            queued.future.set_result(result)
+
+
+def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:
+    _configure_sqlite_sync(engine.sync_engine, foreign_keys=foreign_keys)
+
+
+def _configure_sqlite_sync(sync_engine: Engine, *, foreign_keys: bool) -> None:
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's legacy transaction handling issues BEGIN lazily and
+        # implicitly; we issue BEGIN ourselves in the "begin" hook below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before we acknowledge; an accepted
+            # event survives a power loss, not only a killed process.
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            # Off only for migrations: batch mode rebuilds tables by copy and drop.
+            cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")

@@ -1,0 +1,1 @@
+"""Delivery of outbox rows to Inngest's event API."""

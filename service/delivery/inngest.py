@@ -1,0 +1,142 @@
+"""Sending a batch to Inngest's event API and classifying the answer.
+
+See shared/inngest-event-api.md. The event key is part of the URL path, so
+neither the URL nor anything that may quote it is ever logged or recorded:
+every error text passes through ``redact``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+
+from .. import __version__
+from .backoff import parse_retry_after
+
+MAX_RECORDED_BODY = 2000
+MAX_READ_BODY = 64 * 1024
+USER_AGENT = f"inngest-outbox/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """200 with one id per event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """400: the first ``accepted`` events were ingested, then one was invalid."""
+
+    accepted: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """413: the request, or one event in it, is too large."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRejected:
+    """401/403/404: the event key is wrong or of another environment."""
+
+    status: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transient:
+    """Retry later: 429, 5xx, timeouts, connection errors, and unexpected answers."""
+
+    status: int | None
+    error: str
+    retry_after: float | None = None
+
+
+Outcome = Accepted | Rejected | TooLarge | KeyRejected | Transient
+
+
+class InngestClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        event_key: str,
+        env: str | None = None,
+        timeout_seconds: float = 10.0,
+    ) -> None:
+        self._session = session
+        self._url = f"{base_url.rstrip('/')}/e/{event_key}"
+        self._key = event_key
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._timeout_seconds = timeout_seconds
+        self._headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if env:
+            self._headers["X-Inngest-Env"] = env
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    async def send(self, payloads: Sequence[str]) -> Outcome:
+        """POST the events (already serialised) as one JSON array."""
+        body = ("[" + ",".join(payloads) + "]").encode("utf-8")
+        try:
+            async with self._session.post(
+                self._url,
+                data=body,
+                headers=self._headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                text = (await response.content.read(MAX_READ_BODY)).decode("utf-8", "replace")
+                return self._classify(
+                    response.status, text, len(payloads), response.headers.get("Retry-After")
+                )
+        except TimeoutError:
+            return Transient(None, f"timed out after {self._timeout_seconds:g}s")
+        except aiohttp.ClientError as exc:
+            return Transient(None, self.redact(f"{type(exc).__name__}: {exc}"))
+        except asyncio.CancelledError:
+            raise
+        except OSError as exc:
+            return Transient(None, self.redact(f"{type(exc).__name__}: {exc}"))
+
+    def _classify(self, status: int, text: str, count: int, retry_after: str | None) -> Outcome:
+        recorded = self.redact(f"HTTP {status}: {text[:MAX_RECORDED_BODY]}")
+        body = _json_object(text)
+        if status == 200:
+            ids = body.get("ids") if body is not None else None
+            if isinstance(ids, list) and len(ids) == count:
+                return Accepted()
+            return Transient(status, f"unexpected answer to {count} events: {recorded}")
+        if status == 400:
+            ids = body.get("ids") if body is not None else None
+            accepted = len(ids) if isinstance(ids, list) and len(ids) < count else 0
+            error = body.get("error") if body is not None else None
+            detail = error if isinstance(error, str) and error else text[:MAX_RECORDED_BODY]
+            return Rejected(accepted, self.redact(f"HTTP 400: {detail}"))
+        if status == 413:
+            return TooLarge(recorded)
+        if status in (401, 403, 404):
+            return KeyRejected(status, recorded)
+        if status == 429 or status >= 500:
+            return Transient(
+                status, recorded, parse_retry_after(retry_after, now=datetime.now(UTC))
+            )
+        return Transient(status, recorded)
+
+
+def _json_object(text: str) -> dict[str, object] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

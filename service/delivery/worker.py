@@ -1,0 +1,475 @@
+"""The delivery worker: claim due outbox rows, send them to Inngest, record the outcome.
+
+Claim (commit), send (no transaction open), mark (a new short transaction,
+fenced by the claim's lease token). A worker that dies anywhere in between
+loses nothing: its rows come back when their lease expires and are sent again
+with the same event id, which Inngest de-duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from .. import outbox
+from ..config import Settings
+from ..db import Database
+from ..outbox import ClaimedEvent
+from . import backoff
+from .inngest import Accepted, InngestClient, KeyRejected, Outcome, Rejected, TooLarge, Transient
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+# The longest a bad event key pauses the worker before it tries again.
+KEY_REJECTED_MAX_PAUSE_SECONDS = 60.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+    lost_leases: int = 0
+    requests: int = 0
+    purged: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    running: bool
+    can_send: bool
+    detail: str
+
+
+@dataclass(slots=True)
+class _Lease:
+    token: str
+    unsent: dict[str, ClaimedEvent] = field(default_factory=dict)
+    returned: bool = False  # some rows went back to pending
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        db: Database,
+        client: InngestClient,
+        settings: Settings,
+        *,
+        wake: asyncio.Event | None = None,
+        clock: Clock = utc_now,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._db = db
+        self._client = client
+        self._settings = settings
+        self._wake = wake or asyncio.Event()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.owner = owner or worker_id()
+        self.stats = WorkerStats()
+        self._stopping = asyncio.Event()
+        self._capacity = asyncio.Semaphore(settings.worker_max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._paused_until: datetime | None = None
+        self._key_failures = 0
+        self._running = False
+        self._run_exited = asyncio.Event()
+        self._can_send = True
+        self._health_detail = "no send yet"
+        self._progress = asyncio.Condition()
+
+    # -- public -------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Rows were committed: look now instead of at the next poll."""
+        self._wake.set()
+
+    @property
+    def health(self) -> WorkerHealth:
+        return WorkerHealth(self._running, self._can_send, self._health_detail)
+
+    async def run(self) -> None:
+        """Claim and deliver until ``stop()``."""
+        self._running = True
+        self._run_exited.clear()
+        try:
+            while not self._stopping.is_set():
+                if not await self._pause_if_needed():
+                    continue
+                await self._capacity.acquire()
+                if self._stopping.is_set():
+                    self._capacity.release()
+                    break
+                # Cleared before the claim: a commit that lands after it wakes us.
+                self._wake.clear()
+                try:
+                    claim = await self._claim()
+                except Exception:
+                    self._capacity.release()
+                    log.exception("claiming from the outbox failed; trying again shortly")
+                    self._pause_for(self._settings.worker_poll_seconds)
+                    continue
+                if claim is None:
+                    self._capacity.release()
+                    await self._idle()
+                    continue
+                task = asyncio.create_task(self._deliver_claim(claim, release_capacity=True))
+                self._tasks.add(task)
+                task.add_done_callback(self._finished)
+                if len(claim.events) < self._settings.worker_batch_size:
+                    # A partial batch: rows are arriving, not waiting. Let a few
+                    # milliseconds of them gather rather than claim them one
+                    # commit at a time; each claim and mark is a transaction.
+                    # (After an idle spell the first claim is immediate.)
+                    await self._linger()
+        finally:
+            self._running = False
+            self._run_exited.set()
+
+    async def drain_once(self) -> WorkerStats:
+        """Deliver everything due now, then return (burst mode: CLI and tests)."""
+        while not self._is_paused() and (claim := await self._claim()):
+            await self._deliver_claim(claim, release_capacity=False)
+        return self.stats
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Marking failed (the database, say): the rows stay leased and come
+            # back when the lease expires; Inngest de-duplicates the re-send.
+            log.error("delivering a claim failed", exc_info=error)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop claiming; let in-flight sends finish within the grace period;
+        release what was claimed but not sent."""
+        grace = self._settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self._stopping.set()
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        await self._wait_for_tasks(loop.time() + grace)
+        if self._running:
+            # run() sees the stop at its next step; a claim it was making
+            # meanwhile goes to a delivery task that releases it unsent.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._run_exited.wait()
+        await self._wait_for_tasks(loop.time() + 5)
+
+    async def _wait_for_tasks(self, deadline: float) -> None:
+        """Await every delivery task, those started meanwhile too; cancel the late."""
+        loop = asyncio.get_running_loop()
+        while self._tasks:
+            pending = set(self._tasks)
+            _, late = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0))
+            if late:
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+
+    async def purge_forever(self) -> None:
+        """Retention: every interval, delete delivered rows past RETENTION_DAYS."""
+        while True:
+            try:
+                await self.purge_once()
+            except Exception:
+                log.exception("retention failed; trying again at the next interval")
+            await asyncio.sleep(self._settings.retention_interval_seconds)
+
+    async def purge_once(self) -> int:
+        """Delete, batch by batch, what retention allows now; how many rows."""
+        if self._settings.retention_days <= 0:
+            return 0
+        before = self._clock() - timedelta(days=self._settings.retention_days)
+        total = 0
+        while True:
+            deleted = await outbox.purge_delivered(
+                self._db, before=before, batch=self._settings.retention_batch
+            )
+            total += deleted
+            self.stats.purged += deleted
+            if deleted < self._settings.retention_batch:
+                return total
+
+    async def wait_for(self, predicate: Callable[[WorkerStats], bool]) -> WorkerStats:
+        """Wait until the stats satisfy ``predicate`` (for tests and benchmarks)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: predicate(self.stats))
+        return self.stats
+
+    # -- the loop -------------------------------------------------------------
+
+    async def _claim(self) -> outbox.Claim | None:
+        claim = await outbox.claim_batch(
+            self._db,
+            owner=self.owner,
+            limit=self._settings.worker_batch_size,
+            lease_seconds=self._settings.worker_lease_seconds,
+            now=self._clock(),
+        )
+        if not claim.events:
+            return None
+        self.stats.claimed += len(claim.events)
+        return claim
+
+    async def _idle(self) -> None:
+        """Sleep until woken, the next row is due, or the poll interval passes."""
+        timeout = self._settings.worker_poll_seconds
+        try:
+            due = await outbox.next_due_at(self._db.engine)
+        except Exception:
+            log.exception("reading the outbox failed")
+            due = None
+        if due is not None:
+            # Never a zero wait: a due row another worker is claiming right now
+            # would otherwise spin this loop.
+            timeout = min(timeout, max((due - self._clock()).total_seconds(), 0.005))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    async def _linger(self) -> None:
+        if self._settings.worker_linger_seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings.worker_linger_seconds):
+                    await self._stopping.wait()
+
+    async def _pause_if_needed(self) -> bool:
+        """Wait out a pause (bad key, 429). False if stopped meanwhile."""
+        if self._paused_until is None:
+            return True
+        remaining = (self._paused_until - self._clock()).total_seconds()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._stopping.wait()
+        self._paused_until = None
+        return not self._stopping.is_set()
+
+    async def _deliver_claim(self, claim: outbox.Claim, *, release_capacity: bool) -> None:
+        lease = _Lease(claim.token, {e.id: e for e in claim.events})
+        try:
+            for chunk in split_for_request(
+                claim.events,
+                max_events=self._settings.inngest_max_batch_events,
+                max_bytes=self._settings.inngest_max_request_bytes,
+            ):
+                if self._stopping.is_set() or self._is_paused():
+                    break  # the rest is released below, not sent
+                await self._send(lease, chunk)
+        finally:
+            try:
+                if lease.unsent:
+                    # Shielded: a cancel must not leave these rows leased for nothing.
+                    await asyncio.shield(self._release(lease))
+            finally:
+                if release_capacity:
+                    self._capacity.release()
+                if lease.returned:
+                    # Rows went back to pending (a retry, a release): let the
+                    # loop work out when the next one is due. Delivered rows
+                    # need no wake-up: a woken loop would only claim nothing.
+                    self._wake.set()
+                await self._notify()
+
+    async def _release(self, lease: _Lease) -> None:
+        lease.returned = True
+        ids = list(lease.unsent)
+        lease.unsent.clear()
+        released = await outbox.release(self._db, ids, lease.token)
+        self.stats.released += released
+
+    async def _send(self, lease: _Lease, events: Sequence[ClaimedEvent]) -> None:
+        self.stats.requests += 1
+        outcome = await self._client.send([e.payload for e in events])
+        # The send is done: what follows must be recorded even if we are
+        # cancelled now, or a delivered row would be sent again for nothing.
+        # A task of its own, so that stop() waits for it too.
+        record = asyncio.ensure_future(self._record(lease, events, outcome))
+        self._tasks.add(record)
+        record.add_done_callback(self._finished)
+        await asyncio.shield(record)
+
+    async def _record(
+        self, lease: _Lease, events: Sequence[ClaimedEvent], outcome: Outcome
+    ) -> None:
+        match outcome:
+            case Accepted():
+                await self._delivered(lease, events)
+                self._send_succeeded()
+            case Rejected(accepted=accepted, error=error):
+                await self._delivered(lease, events[:accepted])
+                await self._isolate(lease, events[accepted:], error, 400)
+            case TooLarge(error=error):
+                await self._isolate(lease, events, error, 413)
+            case KeyRejected(status=status, error=error):
+                self._key_rejected(status, error)
+                # Not the events' fault: give them back untouched.
+                for event in events:
+                    lease.unsent.setdefault(event.id, event)
+                await self._release(lease)
+            case Transient(status=status, error=error, retry_after=retry_after):
+                await self._retry(lease, events, error, status, retry_after)
+
+    async def _isolate(
+        self, lease: _Lease, events: Sequence[ClaimedEvent], error: str, status: int
+    ) -> None:
+        """Find the event(s) Inngest refuses: one alone fails, more are bisected."""
+        if not events:
+            return
+        if len(events) == 1:
+            self._forget(lease, events)
+            failed = await outbox.mark_failed(
+                self._db, [events[0].id], lease.token, error=error, status_code=status
+            )
+            self.stats.failed += failed
+            self._count_lost(1 - failed)
+            if failed:
+                log.warning("event %s refused by Inngest: %s", events[0].id, error)
+            return
+        middle = len(events) // 2
+        for half in (events[:middle], events[middle:]):
+            await self._send(lease, half)
+
+    async def _delivered(self, lease: _Lease, events: Sequence[ClaimedEvent]) -> None:
+        if not events:
+            return
+        self._forget(lease, events)
+        marked = await outbox.mark_delivered(
+            self._db, [e.id for e in events], lease.token, now=self._clock()
+        )
+        self.stats.delivered += marked
+        self._count_lost(len(events) - marked)
+
+    async def _retry(
+        self,
+        lease: _Lease,
+        events: Sequence[ClaimedEvent],
+        error: str,
+        status: int | None,
+        retry_after: float | None,
+    ) -> None:
+        self._forget(lease, events)
+        lease.returned = True
+        now = self._clock()
+
+        def retry_at(attempt: int) -> datetime:
+            wait = backoff.delay(
+                attempt,
+                base=self._settings.retry_base_seconds,
+                cap=self._settings.retry_cap_seconds,
+                rng=self._rng,
+            )
+            return now + timedelta(seconds=max(wait, retry_after or 0.0))
+
+        rescheduled, failed = await outbox.schedule_retry(
+            self._db,
+            events,
+            lease.token,
+            retry_at=retry_at,
+            max_attempts=self._settings.retry_max_attempts,
+            error=error,
+            status_code=status,
+        )
+        self.stats.retried += rescheduled
+        self.stats.failed += failed
+        self._count_lost(len(events) - rescheduled - failed)
+        log.warning(
+            "send of %d events failed (%s); %d rescheduled, %d out of attempts",
+            len(events),
+            error,
+            rescheduled,
+            failed,
+        )
+        if status == 429 and retry_after:
+            # A rate limit is the endpoint's, not the rows': hold every send.
+            self._pause_for(retry_after)
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _forget(self, lease: _Lease, events: Sequence[ClaimedEvent]) -> None:
+        for event in events:
+            lease.unsent.pop(event.id, None)
+
+    def _count_lost(self, lost: int) -> None:
+        if lost > 0:
+            # Our lease expired while the request was in flight and another
+            # worker took the rows: its newer state stands.
+            self.stats.lost_leases += lost
+            log.warning("%d rows were no longer leased to %s; left as they are", lost, self.owner)
+
+    def _send_succeeded(self) -> None:
+        if not self._can_send:
+            log.info("Inngest accepts events again")
+        self._key_failures = 0
+        self._can_send = True
+        self._health_detail = "last send accepted"
+
+    def _key_rejected(self, status: int, error: str) -> None:
+        self._key_failures += 1
+        if self._can_send:
+            # Once per outage, and never the key itself (it is in the URL).
+            log.error(
+                "Inngest refused the event key (HTTP %d): check INNGEST_EVENT_KEY and "
+                "INNGEST_ENV; holding all sends until a send succeeds",
+                status,
+            )
+        self._can_send = False
+        self._health_detail = f"Inngest refused the event key (HTTP {status})"
+        pause = min(
+            KEY_REJECTED_MAX_PAUSE_SECONDS,
+            max(self._settings.retry_base_seconds, 0.01) * 2 ** min(self._key_failures - 1, 16),
+        )
+        self._pause_for(pause)
+
+    def _pause_for(self, seconds: float) -> None:
+        until = self._clock() + timedelta(seconds=seconds)
+        if self._paused_until is None or until > self._paused_until:
+            self._paused_until = until
+
+    def _is_paused(self) -> bool:
+        return self._paused_until is not None and self._paused_until > self._clock()
+
+    async def _notify(self) -> None:
+        async with self._progress:
+            self._progress.notify_all()
+
+
+def split_for_request(
+    events: Sequence[ClaimedEvent], *, max_events: int, max_bytes: int
+) -> Iterator[list[ClaimedEvent]]:
+    """Chunks that respect the per-request event count and byte size.
+
+    An event larger than ``max_bytes`` on its own goes alone; Inngest's 413
+    then fails it.
+    """
+    chunk: list[ClaimedEvent] = []
+    size = 2  # the array's brackets
+    for event in events:
+        extra = event.size + (1 if chunk else 0)
+        if chunk and (len(chunk) >= max_events or size + extra > max_bytes):
+            yield chunk
+            chunk, size, extra = [], 2, event.size
+        chunk.append(event)
+        size += extra
+    if chunk:
+        yield chunk

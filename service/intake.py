@@ -1,0 +1,310 @@
+"""Accepting documents: the business row and its outbox row, committed together.
+
+Concurrent requests share commits (group commit): one writer task takes every
+submission waiting in its queue, writes them all in ONE transaction, commits
+once (one fsync) and only then resolves each request's future. A request is
+answered after the commit that holds its rows, never before, so an answer is
+as durable as a commit of its own, at a fraction of the fsyncs.
+
+A transaction holds whole submissions: a document row and its outbox row are
+always written together or not at all, whatever is cancelled or fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, IntegrityError
+
+from . import outbox
+from .db import Database, DatabaseClosed, sqlite_time
+from .delivery.notify import NOTIFY_SQL
+from .models import documents
+
+log = logging.getLogger(__name__)
+
+
+# Built once per request: plain slots classes (a frozen dataclass's __init__
+# goes through object.__setattr__ for every field).
+@dataclass(slots=True)
+class Submission:
+    user_id: int
+    document_name: str
+    event: outbox.NewEvent
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(slots=True)
+class Accepted:
+    event_id: str
+    # True when an earlier request with the same Idempotency-Key wrote it.
+    replayed: bool = False
+
+
+class IntakeError(Exception):
+    """Base class of what a submission can fail with."""
+
+
+class IdempotencyKeyReused(IntakeError):
+    """The key was used before by this user with a different request body."""
+
+
+class Overloaded(IntakeError):
+    """The write queue is full: the database is not keeping up."""
+
+
+class StorageUnavailable(IntakeError):
+    """The transaction failed; nothing of the submission was written."""
+
+
+class IntakeClosed(IntakeError):
+    """The service is shutting down and accepts no more writes."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    submission: Submission
+    future: asyncio.Future[Accepted]
+
+
+# Hooks for tests, called inside the transaction (on the database's writer
+# thread): between the document rows and the outbox rows (a failure there
+# must leave nothing behind), and just before COMMIT (no answer yet).
+TransactionHook = Callable[[], None]
+
+
+class DocumentIntake:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        queue_limit: int = 4096,
+        batch_limit: int = 512,
+        batches_in_flight: int = 4,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self._db = db
+        self._dialect = db.dialect
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._limit = queue_limit
+        self._outstanding = 0
+        self._batch_limit = batch_limit
+        self._on_commit = on_commit
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(batches_in_flight)
+        self.hook_mid_transaction: TransactionHook | None = None
+        self.hook_before_commit: TransactionHook | None = None
+        self.commits = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for their commit."""
+        return self._outstanding
+
+    async def submit(self, submission: Submission) -> Accepted:
+        """Write the submission durably; return once it is committed."""
+        if self._closed or self._task is None or self._task.done():
+            raise IntakeClosed()
+        # The loop captured at start: asyncio.get_running_loop() makes a
+        # getpid() system call on every call in Python 3.11.
+        # The bound counts every request waiting for its commit, queued or in
+        # a batch on its way: past it, the caller answers 503 at once.
+        if self._outstanding >= self._limit:
+            raise Overloaded()
+        pending = _Pending(submission, self._loop.create_future())
+        self._queue.put_nowait(pending)
+        self._outstanding += 1
+        try:
+            # If this await is cancelled, the future is cancelled with it: the
+            # writer skips it if it has not been picked yet; if it is already in
+            # a transaction, that transaction commits or rolls back whole.
+            return await pending.future
+        finally:
+            self._outstanding -= 1
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name="document-intake")
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        self._closed = True
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._fail_queued(IntakeClosed())
+
+    async def _run(self) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                # Whatever arrived since the last batch left goes in this one.
+                while len(batch) < self._batch_limit and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                # Not awaited: the next batch forms while this one commits, and
+                # the database groups the batches waiting for it into one
+                # transaction. A bounded number in flight keeps batches large.
+                await self._slots.acquire()
+                task = asyncio.create_task(self._commit_and_account(batch))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _commit_and_account(self, batch: list[_Pending]) -> None:
+        try:
+            await self._commit_batch([p for p in batch if not p.future.done()])
+        finally:
+            self._slots.release()
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        try:
+            results = await self._write(batch)
+        except asyncio.CancelledError:
+            _fail(batch, IntakeClosed())
+            raise
+        except DatabaseClosed:
+            _fail(batch, IntakeClosed())
+            return
+        except (IntegrityError, DataError, sqlite3.IntegrityError):
+            if len(batch) == 1:
+                log.exception("a submission was refused by the database; nothing was written")
+                _fail(batch, StorageUnavailable())
+                return
+            # One bad row must not fail the requests that shared its commit:
+            # bisect until it stands alone.
+            middle = len(batch) // 2
+            await self._commit_batch(batch[:middle])
+            await self._commit_batch(batch[middle:])
+            return
+        except Exception:
+            log.exception("group commit of %d submissions failed; none was written", len(batch))
+            _fail(batch, StorageUnavailable())
+            return
+        self.commits += 1
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            elif result is not None:
+                pending.future.set_result(result)
+        if self._on_commit is not None:
+            self._on_commit(sum(1 for r in results if isinstance(r, Accepted) and not r.replayed))
+
+    async def _write(self, batch: list[_Pending]) -> list[Accepted | IntakeError | None]:
+        return await self._db.write(lambda conn: self._write_rows(conn, batch))
+
+    def _write_rows(
+        self, conn: Connection, batch: list[_Pending]
+    ) -> list[Accepted | IntakeError | None]:
+        """Both rows of every submission, in the caller's transaction.
+
+        Runs on the database's writer thread. A request cancelled before its
+        transaction began is left out (None); one cancelled later is written
+        whole, so a retry with its Idempotency-Key finds it.
+        """
+        results: list[Accepted | IntakeError | None] = []
+        plain: list[Submission] = []
+        fresh: list[outbox.NewEvent] = []
+        for pending in batch:
+            if pending.future.cancelled():
+                results.append(None)
+                continue
+            sub = pending.submission
+            if sub.idempotency_key is None:
+                plain.append(sub)
+                fresh.append(sub.event)
+                results.append(Accepted(sub.event.id))
+                continue
+            result = self._insert_keyed(conn, sub)
+            results.append(result)
+            if isinstance(result, Accepted) and not result.replayed:
+                fresh.append(sub.event)
+        raw = conn.connection.driver_connection
+        if plain and isinstance(raw, sqlite3.Connection):
+            # The hot path: the driver's executemany, no per-row type processing.
+            raw.executemany(
+                "INSERT INTO documents (user_id, document_name, event_id, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                [
+                    (s.user_id, s.document_name, s.event.id, sqlite_time(s.event.created_at))
+                    for s in plain
+                ],
+            )
+        elif plain:
+            conn.execute(documents.insert(), [_document_row(s) for s in plain])
+        if self.hook_mid_transaction is not None:
+            self.hook_mid_transaction()
+        outbox.enqueue(conn, fresh)
+        if fresh and self._dialect == "postgresql":
+            # Delivered at commit, to the workers of every host.
+            conn.exec_driver_sql(NOTIFY_SQL)
+        if self.hook_before_commit is not None:
+            self.hook_before_commit()
+        return results
+
+    def _insert_keyed(self, conn: Connection, sub: Submission) -> Accepted | IntakeError:
+        """Insert unless this user already used the key (then answer as the first time)."""
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        statement = (
+            insert(documents)
+            .values(_document_row(sub))
+            .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
+            .returning(documents.c.id)
+        )
+        if conn.execute(statement).first() is not None:
+            return Accepted(sub.event.id)
+        first = conn.execute(
+            sa.select(documents.c.event_id, documents.c.request_hash).where(
+                documents.c.user_id == sub.user_id,
+                documents.c.idempotency_key == sub.idempotency_key,
+            )
+        ).one()
+        if first.request_hash != sub.request_hash:
+            return IdempotencyKeyReused()
+        return Accepted(first.event_id, replayed=True)
+
+    def _fail_queued(self, error: IntakeError) -> None:
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+            self._queue.task_done()
+
+
+def _document_row(sub: Submission) -> dict[str, object]:
+    return {
+        "user_id": sub.user_id,
+        "document_name": sub.document_name,
+        "event_id": sub.event.id,
+        "idempotency_key": sub.idempotency_key,
+        "request_hash": sub.request_hash,
+        "created_at": sub.event.created_at,
+    }
+
+
+def _fail(batch: list[_Pending], error: IntakeError) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(error)

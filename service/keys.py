@@ -1,0 +1,24 @@
+"""Every piece of application state, typed (web.AppKey, aiohttp >= 3.9)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from .auth import CachedCookieStorage, PasswordVerifier
+from .config import Settings
+from .db import Database
+from .delivery.worker import DeliveryWorker
+from .intake import DocumentIntake
+from .storage import S3CredentialChecker
+
+SETTINGS = web.AppKey("settings", Settings)
+DATABASE = web.AppKey("database", Database)
+INTAKE = web.AppKey("intake", DocumentIntake)
+S3_CHECKER = web.AppKey("s3_checker", S3CredentialChecker)
+# Set on every commit of new outbox rows; the in-process worker waits on it.
+WAKE = web.AppKey("wake", asyncio.Event)
+WORKER = web.AppKey("worker", DeliveryWorker)
+PASSWORDS = web.AppKey("passwords", PasswordVerifier)
+SESSIONS = web.AppKey("sessions", CachedCookieStorage)

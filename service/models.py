@@ -1,0 +1,118 @@
+"""Tables, as SQLAlchemy Core. The schema itself is owned by Alembic (migrations/)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every database.
+
+    SQLite has no time zone type; SQLAlchemy stores the naive text form, which
+    sorts correctly as long as everything written is UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# The event is kept as the exact text that was measured at ingest and is sent
+# to Inngest: PostgreSQL's json type stores the text as written, where jsonb
+# would rewrite it (1e308 becomes 309 digits) and refuse \u0000.
+EventText = sa.JSON()
+# SQLite's INTEGER PRIMARY KEY is the rowid; BIGINT would not autoincrement.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("username", sa.String(64), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+documents = sa.Table(
+    "documents",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("user_id", BigId, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("document_name", sa.Text, nullable=False),
+    # Not a foreign key: delivered outbox rows are purged, documents stay.
+    sa.Column("event_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
+    # sha256 of the canonical request body, to refuse a reused key with another body.
+    sa.Column("request_hash", sa.String(64), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("user_id", "idempotency_key"),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),  # the Inngest event id
+    sa.Column("event_name", sa.String(255), nullable=False),
+    sa.Column("payload", EventText, nullable=False),  # the whole event, as sent
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("available_at", UTCDateTime, nullable=False),
+    sa.Column("lease_owner", sa.String(255), nullable=True),
+    sa.Column("lease_token", sa.String(36), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("last_status_code", sa.Integer, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("delivered_at", UTCDateTime, nullable=True),
+    sa.CheckConstraint(
+        "status IN ('pending', 'sending', 'delivered', 'failed')", name="status_valid"
+    ),
+)
+
+# The claim query reads only these two states; partial indexes stay small while
+# the delivered history grows.
+sa.Index(
+    "ix_outbox_pending_due",
+    outbox.c.available_at,
+    sqlite_where=outbox.c.status == "pending",
+    postgresql_where=outbox.c.status == "pending",
+)
+sa.Index(
+    "ix_outbox_sending_lease",
+    outbox.c.lease_expires_at,
+    sqlite_where=outbox.c.status == "sending",
+    postgresql_where=outbox.c.status == "sending",
+)
+sa.Index(
+    "ix_outbox_delivered_at",
+    outbox.c.delivered_at,
+    sqlite_where=outbox.c.status == "delivered",
+    postgresql_where=outbox.c.status == "delivered",
+)

@@ -1,0 +1,144 @@
+"""Reading a JSON request body strictly: type, size, syntax, shape."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+from .problems import Problem
+
+
+async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    _require_json_content_type(request)
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(max_bytes) from None
+    if len(raw) > max_bytes:
+        raise _too_large(max_bytes)
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Problem(
+            400,
+            "malformed_json",
+            "The body is not valid JSON",
+            f"The body is not UTF-8 (invalid byte at offset {exc.start}).",
+        ) from None
+    try:
+        value = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise Problem(
+            400,
+            "malformed_json",
+            "The body is not valid JSON",
+            f"{exc.msg} at line {exc.lineno}, column {exc.colno}.",
+            line=exc.lineno,
+            column=exc.colno,
+        ) from None
+    except _DuplicateKey as exc:
+        raise Problem(
+            400, "malformed_json", "The body is not valid JSON", f"Duplicate key {exc.key!r}."
+        ) from None
+    except RecursionError:
+        raise Problem(
+            400, "malformed_json", "The body is not valid JSON", "The JSON is nested too deeply."
+        ) from None
+    except ValueError as exc:
+        # Integers past Python's digit limit, NaN and Infinity.
+        raise Problem(400, "malformed_json", "The body is not valid JSON", str(exc)) from None
+    if not isinstance(value, dict):
+        raise Problem(
+            400,
+            "invalid_body",
+            "The body must be a JSON object",
+            f"Expected a JSON object, got {_json_type(value)}.",
+        )
+    return value
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e999 parses to inf, which no JSON encoder will write back out.
+        raise ValueError(f"The number {text[:40]} is out of range.")
+    return value
+
+
+def _require_json_content_type(request: web.Request) -> None:
+    mime = request.content_type  # lower-cased, parameters stripped
+    charset = request.charset
+    if mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json")):
+        if charset is None or charset.lower() in {"utf-8", "utf8"}:
+            return
+        raise Problem(
+            415,
+            "unsupported_media_type",
+            "Unsupported media type",
+            f"JSON must be UTF-8, not {charset}.",
+        )
+    shown = request.headers.get("Content-Type") or "none"
+    raise Problem(
+        415,
+        "unsupported_media_type",
+        "Unsupported media type",
+        f"Send Content-Type: application/json (got {shown[:100]}).",
+    )
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(
+        413,
+        "payload_too_large",
+        "Request body too large",
+        f"The body may be at most {limit} bytes.",
+        limit=limit,
+    )
+
+
+# Built once: json.loads() with options constructs a new decoder per call.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_float=_finite_float
+)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"

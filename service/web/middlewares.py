@@ -1,0 +1,60 @@
+"""Request ids and error rendering."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..ids import new_request_id
+from .problems import Problem, from_http_exception
+
+log = logging.getLogger(__name__)
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_INCOMING_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every log record it causes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request id on the response and on every log line; errors as problem+json.
+
+    One middleware, not two: each layer costs every request a coroutine.
+    """
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _INCOMING_ID.fullmatch(incoming) else new_request_id()
+    token = request_id_var.set(request_id)
+    try:
+        try:
+            response = await handler(request)
+        except Problem as problem:
+            response = problem.response(request.path)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                exc.headers["X-Request-Id"] = request_id
+                raise
+            response = from_http_exception(exc).response(request.path)
+        except Exception:
+            # Never echo exception text: it can hold data and secrets.
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = Problem(
+                500,
+                "internal_error",
+                "Internal server error",
+                f"Quote request id {request_id} when reporting this.",
+            ).response(request.path)
+        response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        request_id_var.reset(token)

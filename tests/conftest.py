@@ -1,0 +1,176 @@
+"""Shared fixtures: a real SQLite file migrated by Alembic, moto's S3 server on
+loopback, and the real app served by pytest-aiohttp on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import auth, migrate
+from service.app import create_app
+from service.config import Profile, Settings
+from service.db import Database
+from tests.fakes.inngest import StandIn
+from tests.support.postgres import PostgresServer, PostgresUnavailable, connect_or_start
+from tests.support.s3 import MotoS3, start_moto
+from tests.support.service import PASSWORD as SERVICE_PASSWORD
+from tests.support.service import USER, base_env, run_cli
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    server = start_moto()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, moto_s3: MotoS3, tmp_path: Path) -> MotoS3:
+    """Point boto3's standard configuration at moto, with valid keys."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config-none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials-none"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_s3.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.app_keys.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.app_keys.secret_access_key)
+    return moto_s3
+
+
+@pytest_asyncio.fixture
+async def inngest(aiohttp_server) -> StandIn:
+    """The stand-in Inngest, served on 127.0.0.1 (its URL in ``base_url``)."""
+    stand_in = StandIn()
+    server = await aiohttp_server(stand_in.app())
+    stand_in.base_url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    return stand_in
+
+
+@pytest.fixture
+def service_env(tmp_path: Path, moto_s3: MotoS3) -> dict[str, str]:
+    """Production settings for a real service process: migrated SQLite file, user alice."""
+    env = base_env(
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'service.db'}",
+        SESSION_SECRET=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        S3_BUCKET=moto_s3.bucket,
+        AWS_ENDPOINT_URL_S3=moto_s3.endpoint,
+        AWS_ACCESS_KEY_ID=moto_s3.app_keys.access_key_id,
+        AWS_SECRET_ACCESS_KEY=moto_s3.app_keys.secret_access_key,
+        AWS_DEFAULT_REGION="us-east-1",
+        INNGEST_EVENT_KEY="test-event-key",
+        INNGEST_BASE_URL="http://127.0.0.1:9",  # nothing listens; tests point it elsewhere
+        LOG_LEVEL="WARNING",
+    )
+    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
+    added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    return env
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_service_env(
+    request: pytest.FixtureRequest, service_env: dict[str, str], tmp_path: Path
+) -> dict[str, str]:
+    """``service_env`` on a SQLite file, then on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return service_env
+    env = {**service_env, "DATABASE_URL": request.getfixturevalue("postgres").create_database()}
+    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
+    added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    return env
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    try:
+        server = connect_or_start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            raise  # CI must run the PostgreSQL half of the suite, never skip it
+        pytest.skip(f"PostgreSQL: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every test that touches the database runs on both: a SQLite file, and a
+    fresh database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}"
+    return request.getfixturevalue("postgres").create_database()
+
+
+@pytest_asyncio.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = Database(db_url)
+    await migrate.upgrade(database.engine)
+    async with database:
+        yield database
+
+
+@pytest.fixture
+def engine(db: Database) -> AsyncEngine:
+    """For reading what the service wrote."""
+    return db.engine
+
+
+@pytest.fixture
+def settings(db_url: str, aws_env: MotoS3) -> Settings:
+    return Settings(
+        profile=Profile.PRODUCTION,
+        database_url=db_url,
+        session_secret=os.urandom(32),
+        s3_bucket=aws_env.bucket,
+        inngest_event_key="test-event-key",
+        # API tests read the rows as the API left them; delivery tests turn it on.
+        run_worker=False,
+    )
+
+
+@pytest_asyncio.fixture
+async def user(db: Database) -> auth.User:
+    return await auth.create_user(db, "alice", PASSWORD)
+
+
+@pytest_asyncio.fixture
+async def client(aiohttp_client, settings: Settings, engine: AsyncEngine) -> TestClient:
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def alice_on(aiohttp_client, settings: Settings, engine: AsyncEngine, user: auth.User):
+    """Serve the app with some settings changed, logged in as alice."""
+
+    async def serve(**changes: object) -> TestClient:
+        client = await aiohttp_client(create_app(settings.replace(**changes)))
+        response = await client.post(
+            "/auth/login", json={"username": "alice", "password": PASSWORD}
+        )
+        assert response.status == 200, await response.text()
+        return client
+
+    return serve
+
+
+@pytest_asyncio.fixture
+async def logged_in(client: TestClient, user: auth.User) -> TestClient:
+    response = await client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
+    assert response.status == 200, await response.text()
+    return client

@@ -1,0 +1,122 @@
+"""A real PostgreSQL server for the test session, on 127.0.0.1.
+
+Debian ships the server with its binaries off PATH (/usr/lib/postgresql/N/bin)
+and initdb refuses to run as root, so the cluster is made and run as the
+``postgres`` user when we are root. TEST_POSTGRES_URL points the tests at a
+server of your own instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.net import free_port, wait_for_port
+
+
+class PostgresUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+    process: subprocess.Popen[bytes] | None = None
+    data_dir: Path | None = None
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+asyncpg://{self.user}@{self.host}:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A fresh, empty database; its SQLAlchemy URL."""
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        self.psql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def psql(self, sql: str) -> None:
+        subprocess.run(
+            [_binary("psql"), "-h", self.host, "-p", str(self.port), "-U", self.user,
+             "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-qc", sql],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _bin_dir() -> str:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    if initdb:
+        return os.path.dirname(initdb)
+    raise PostgresUnavailable("no PostgreSQL server binaries (apt-get install postgresql)")
+
+
+def _binary(name: str) -> str:
+    return shutil.which(name) or os.path.join(_bin_dir(), name)
+
+
+def start_postgres(*, durable: bool = False) -> PostgresServer:
+    """A throwaway cluster; ``durable`` keeps fsync and synchronous commits on
+    (benchmarks), the tests' default turns them off for speed."""
+    bin_dir = _bin_dir()
+    data_dir = Path(tempfile.mkdtemp(prefix="pg-test-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(data_dir, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_user, f"{bin_dir}/initdb", "-D", str(data_dir / "data"), "-A", "trust",
+         "-U", "postgres", "--no-sync", "-E", "UTF8"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    port = free_port()
+    process = subprocess.Popen(
+        [*as_user, f"{bin_dir}/postgres", "-D", str(data_dir / "data"), "-p", str(port),
+         "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data_dir}",
+         *([] if durable else
+           # Tests want speed, not crash safety of the throwaway cluster.
+           ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
+         "-c", "max_connections=200"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for_port("127.0.0.1", port, timeout=60, process=process)
+    server = PostgresServer("127.0.0.1", port, "postgres", process, data_dir)
+    deadline = time.monotonic() + 30
+    while True:  # accepting connections is not yet accepting logins
+        try:
+            server.psql("SELECT 1")
+            return server
+        except subprocess.CalledProcessError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def connect_or_start() -> PostgresServer:
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if url:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        host, port = parsed.host or "127.0.0.1", parsed.port or 5432
+        return PostgresServer(host, port, parsed.username or "postgres")
+    return start_postgres()

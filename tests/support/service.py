@@ -1,0 +1,128 @@
+"""The real `inngest-outbox` command, run as a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.support.net import free_port, wait_for_port
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without anything the service reads."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "INNGEST_", "SESSION_", "S3_"))
+        and k not in {"DATABASE_URL", "HOST", "PORT", "LOG_LEVEL"}
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class ServiceProcess:
+    def __init__(self, args: list[str], *, env: dict[str, str], cwd: Path) -> None:
+        self.port = free_port()
+        self.log_path = cwd / f"service-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", *args],
+            env={**env, "HOST": "127.0.0.1", "PORT": str(self.port)},
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> ServiceProcess:
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout=timeout, process=self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n--- service log ---\n{self.log()}") from None
+        return self
+
+    async def started(self, wait_seconds: float = 60) -> ServiceProcess:
+        """wait_ready() off the event loop, so in-process servers keep answering."""
+        return await asyncio.to_thread(self.wait_ready, wait_seconds)
+
+    async def logged(self, text: str, wait_seconds: float = 20) -> None:
+        """Wait until the process has logged ``text`` (it offers no other signal)."""
+        async with asyncio.timeout(wait_seconds):
+            while text not in self.log():
+                if self.process.poll() is not None:
+                    raise AssertionError(f"exited before logging {text!r}:\n{self.log()}")
+                await asyncio.sleep(0.02)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no flush; what is on disk is all that survives."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self._log.close()
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+USER = "alice"
+PASSWORD = "a long password"
+
+
+def http_session(**kwargs: object) -> aiohttp.ClientSession:
+    # unsafe=True: keep cookies set by 127.0.0.1 (aiohttp drops IP hosts' by default).
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), **kwargs)  # type: ignore[arg-type]
+
+
+async def log_in(http: aiohttp.ClientSession, url: str) -> None:
+    response = await http.post(f"{url}/auth/login", json={"username": USER, "password": PASSWORD})
+    assert response.status == 200, await response.text()
+
+
+async def query(env: dict[str, str], sql: str) -> list[tuple[object, ...]]:
+    """Read what a service process wrote, on whichever database it used."""
+    import sqlalchemy as sa
+
+    from service.db import create_engine
+
+    engine = create_engine(env["DATABASE_URL"])
+    try:
+        async with engine.connect() as conn:
+            return [tuple(row) for row in await conn.execute(sa.text(sql))]
+    finally:
+        await engine.dispose()

@@ -1,0 +1,504 @@
+"""POST /api: every success and error path, with exact status codes and bodies."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import auth
+from service.app import create_app
+from service.config import Settings
+from service.db import Database
+from service.models import documents, outbox
+from tests.conftest import PASSWORD
+
+PROBLEM = "application/problem+json"
+
+
+async def rows(engine: AsyncEngine) -> tuple[list[Any], list[Any]]:
+    async with engine.connect() as conn:
+        docs = (await conn.execute(sa.select(documents).order_by(documents.c.id))).all()
+        events = (await conn.execute(sa.select(outbox).order_by(outbox.c.created_at))).all()
+    return docs, events
+
+
+async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == PROBLEM
+    body = await response.json(content_type=PROBLEM)
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"] == f"https://inngest-outbox.dev/problems/{code}"
+    assert body["instance"] == "/api" or body["instance"].startswith("/")
+    return body
+
+
+async def test_accepts_a_document_and_writes_both_rows(
+    logged_in: TestClient, engine: AsyncEngine, user: auth.User, settings: Settings
+) -> None:
+    response = await logged_in.post("/api", json={"documentName": "reports/q3.pdf"})
+    assert response.status == 200
+    body = await response.json()
+    assert body["status"] == "ok"
+    assert set(body) == {"status", "id"}
+    assert uuid.UUID(body["id"]).version == 7
+
+    docs, events = await rows(engine)
+    assert [(d.user_id, d.document_name, d.event_id) for d in docs] == [
+        (user.id, "reports/q3.pdf", body["id"])
+    ]
+    [row] = events
+    assert row.id == body["id"]
+    assert row.status == "pending"
+    assert row.attempts == 0
+    assert row.event_name == settings.inngest_event_name
+    assert row.available_at == row.created_at
+    assert row.lease_owner is None and row.delivered_at is None
+
+
+async def test_event_has_the_contract_shape(
+    logged_in: TestClient, engine: AsyncEngine, user: auth.User, settings: Settings
+) -> None:
+    sent = {"documentName": "a.txt", "data": {"pages": 3}, "priority": "high"}
+    response = await logged_in.post("/api", json=sent)
+    event_id = (await response.json())["id"]
+    _, [row] = await rows(engine)
+    event = row.payload
+    assert set(event) == {"id", "name", "data", "user", "ts", "v"}
+    assert event["id"] == event_id
+    assert event["name"] == settings.inngest_event_name
+    # Every field of the body travels as event data, the client's own "data" too.
+    assert event["data"] == sent
+    assert event["user"] == {"id": user.id, "username": "alice"}
+    assert isinstance(event["ts"], int)
+    assert abs(event["ts"] - row.created_at.timestamp() * 1000) < 1000
+    assert event["v"] == "1"
+
+
+async def test_a_client_cannot_choose_the_event_name_or_id(
+    logged_in: TestClient, engine: AsyncEngine, settings: Settings
+) -> None:
+    response = await logged_in.post(
+        "/api", json={"documentName": "a", "name": "inngest/evil", "id": "mine"}
+    )
+    assert response.status == 200
+    _, [row] = await rows(engine)
+    assert row.payload["name"] == settings.inngest_event_name
+    assert row.payload["id"] == row.id != "mine"
+
+
+async def test_no_secret_goes_into_the_event(
+    logged_in: TestClient, engine: AsyncEngine, settings: Settings, aws_env
+) -> None:
+    await logged_in.post("/api", json={"documentName": "a"})
+    _, [row] = await rows(engine)
+    text = json.dumps(row.payload)
+    assert settings.session_secret is not None
+    for secret in (
+        settings.inngest_event_key,
+        aws_env.app_keys.secret_access_key,
+        aws_env.app_keys.access_key_id,
+        PASSWORD,
+    ):
+        assert secret not in text
+
+
+async def test_each_post_gets_a_fresh_event_id(logged_in: TestClient, engine: AsyncEngine) -> None:
+    ids = [
+        (await (await logged_in.post("/api", json={"documentName": f"d{i}"})).json())["id"]
+        for i in range(5)
+    ]
+    assert len(set(ids)) == 5
+    _, events = await rows(engine)
+    assert sorted(e.id for e in events) == sorted(ids)
+
+
+async def test_unauthenticated_is_401(client: TestClient, engine: AsyncEngine) -> None:
+    response = await client.post("/api", json={"documentName": "a"})
+    body = await problem(response, 401, "unauthenticated")
+    assert body["title"] == "Not logged in"
+    assert await rows(engine) == ([], [])
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+async def test_non_json_content_type_is_415(
+    logged_in: TestClient, engine: AsyncEngine, content_type: str
+) -> None:
+    response = await logged_in.post(
+        "/api", data=b'{"documentName": "a"}', headers={"Content-Type": content_type}
+    )
+    body = await problem(response, 415, "unsupported_media_type")
+    assert body["detail"] == f"Send Content-Type: application/json (got {content_type})."
+    assert await rows(engine) == ([], [])
+
+
+async def test_missing_content_type_is_415(logged_in: TestClient) -> None:
+    response = await logged_in.post("/api", data=b'{"documentName": "a"}', headers={})
+    await problem(response, 415, "unsupported_media_type")
+
+
+async def test_json_with_another_charset_is_415(logged_in: TestClient) -> None:
+    response = await logged_in.post(
+        "/api",
+        data='{"documentName": "a"}'.encode("utf-16"),
+        headers={"Content-Type": "application/json; charset=utf-16"},
+    )
+    body = await problem(response, 415, "unsupported_media_type")
+    assert body["detail"] == "JSON must be UTF-8, not utf-16."
+
+
+async def test_json_suffix_and_utf8_charset_are_accepted(logged_in: TestClient) -> None:
+    for content_type in ("application/json; charset=UTF-8", "application/vnd.doc+json"):
+        response = await logged_in.post(
+            "/api", data=b'{"documentName": "a"}', headers={"Content-Type": content_type}
+        )
+        assert response.status == 200, content_type
+
+
+async def test_malformed_json_is_400_and_says_where(
+    logged_in: TestClient, engine: AsyncEngine
+) -> None:
+    response = await logged_in.post(
+        "/api",
+        data=b'{\n  "documentName": "a",\n  oops}',
+        headers={"Content-Type": "application/json"},
+    )
+    body = await problem(response, 400, "malformed_json")
+    assert body["line"] == 3
+    assert body["column"] == 3
+    assert (
+        body["detail"] == "Expecting property name enclosed in double quotes at line 3, column 3."
+    )
+    assert await rows(engine) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b'{"documentName": "a", "documentName": "b"}', "Duplicate key 'documentName'."),
+        (b'{"documentName": "a", "n": NaN}', "NaN is not valid JSON."),
+        (b'{"documentName": "a", "n": Infinity}', "Infinity is not valid JSON."),
+        (b'{"documentName": "a", "n": 1e999}', "The number 1e999 is out of range."),
+        (b'{"documentName": "a", "n": -1e400}', "The number -1e400 is out of range."),
+        (b'{"documentName": "\xff"}', "The body is not UTF-8 (invalid byte at offset 18)."),
+        (b"[" * 100_000 + b"]" * 100_000, "The JSON is nested too deeply."),
+        (b"", "Expecting value at line 1, column 1."),
+    ],
+)
+async def test_invalid_json_is_400(logged_in: TestClient, raw: bytes, detail: str) -> None:
+    response = await logged_in.post("/api", data=raw, headers={"Content-Type": "application/json"})
+    body = await problem(response, 400, "malformed_json")
+    assert body["detail"] == detail
+
+
+async def test_huge_integer_is_400(logged_in: TestClient) -> None:
+    raw = b'{"documentName": "a", "n": ' + b"9" * 5000 + b"}"
+    response = await logged_in.post("/api", data=raw, headers={"Content-Type": "application/json"})
+    body = await problem(response, 400, "malformed_json")
+    assert "4300" in body["detail"]
+
+
+async def test_lone_surrogate_is_400(logged_in: TestClient, engine: AsyncEngine) -> None:
+    raw = b'{"documentName": "a", "note": "\\ud800"}'
+    response = await logged_in.post("/api", data=raw, headers={"Content-Type": "application/json"})
+    body = await problem(response, 400, "malformed_json")
+    assert body["detail"] == "A string in the body contains an unpaired UTF-16 surrogate."
+    assert await rows(engine) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"[]", "an array"),
+        (b'"x"', "a string"),
+        (b"3", "a number"),
+        (b"null", "null"),
+        (b"true", "a boolean"),
+    ],
+)
+async def test_body_that_is_not_an_object_is_400(
+    logged_in: TestClient, raw: bytes, kind: str
+) -> None:
+    response = await logged_in.post("/api", data=raw, headers={"Content-Type": "application/json"})
+    body = await problem(response, 400, "invalid_body")
+    assert body["detail"] == f"Expected a JSON object, got {kind}."
+
+
+async def test_body_over_the_limit_is_413(alice_on, engine: AsyncEngine) -> None:
+    client: TestClient = await alice_on(max_body_bytes=4096)
+    big = {"documentName": "a", "blob": "x" * 5000}
+    response = await client.post("/api", json=big)
+    body = await problem(response, 413, "payload_too_large")
+    assert body["limit"] == 4096
+    assert body["detail"] == "The body may be at most 4096 bytes."
+    assert await rows(engine) == ([], [])
+
+
+async def test_chunked_body_over_the_limit_is_413(alice_on, engine: AsyncEngine) -> None:
+    client: TestClient = await alice_on(max_body_bytes=4096)
+
+    async def chunks():
+        yield b'{"documentName": "a", "blob": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = await client.post(
+        "/api", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    await problem(response, 413, "payload_too_large")
+    assert await rows(engine) == ([], [])
+
+
+async def test_default_body_limit_is_256_kib(logged_in: TestClient) -> None:
+    body = {"documentName": "a", "blob": "x" * (256 * 1024)}
+    response = await logged_in.post("/api", json=body)
+    problem_body = await problem(response, 413, "payload_too_large")
+    assert problem_body["limit"] == 256 * 1024
+
+
+async def test_event_over_the_per_event_limit_is_413(alice_on, engine: AsyncEngine) -> None:
+    # The body fits, the event (body plus id, name, user, ts) does not.
+    client: TestClient = await alice_on(max_body_bytes=8192, max_event_bytes=2048)
+    payload = {"documentName": "a", "blob": "x" * 1990}
+    response = await client.post("/api", json=payload)
+    body = await problem(response, 413, "event_too_large")
+    assert body["limit"] == 2048
+    assert body["size"] > 2048
+    assert await rows(engine) == ([], [])
+
+
+async def test_event_size_counts_utf8_bytes(alice_on, engine: AsyncEngine) -> None:
+    client: TestClient = await alice_on(max_body_bytes=8192, max_event_bytes=2048)
+    # 700 characters, 2100 bytes of UTF-8: over the limit although short in characters.
+    response = await client.post("/api", json={"documentName": "a", "t": "€" * 700})
+    await problem(response, 413, "event_too_large")
+
+
+@pytest.mark.parametrize(
+    ("payload", "rule", "detail"),
+    [
+        ({}, "required", "documentName is required."),
+        ({"documentname": "a"}, "required", "documentName is required."),
+        ({"documentName": None}, "type", "documentName must be a string."),
+        ({"documentName": 42}, "type", "documentName must be a string."),
+        ({"documentName": ["a"]}, "type", "documentName must be a string."),
+        ({"documentName": ""}, "empty", "documentName must not be empty."),
+        ({"documentName": "   "}, "empty", "documentName must not be empty."),
+        (
+            {"documentName": "é" * 513},
+            "too_long",
+            "documentName may be at most 1024 bytes of UTF-8, not 1026.",
+        ),
+        (
+            {"documentName": "a\nb"},
+            "control_characters",
+            "documentName must not contain control characters.",
+        ),
+        (
+            {"documentName": "a\x00b"},
+            "control_characters",
+            "documentName must not contain control characters.",
+        ),
+        (
+            {"documentName": "a\x85b"},
+            "control_characters",
+            "documentName must not contain control characters.",
+        ),
+        (
+            {"documentName": "/etc/passwd"},
+            "leading_slash",
+            "documentName must not start with '/' or '\\'.",
+        ),
+        (
+            {"documentName": "\\\\server\\share"},
+            "leading_slash",
+            "documentName must not start with '/' or '\\'.",
+        ),
+        ({"documentName": "a/../b"}, "dot_segment", "documentName must not have a '..' segment."),
+        ({"documentName": ".."}, "dot_segment", "documentName must not have a '..' segment."),
+        ({"documentName": "a\\..\\b"}, "dot_segment", "documentName must not have a '..' segment."),
+        (
+            {"documentName": "\ud800"},
+            "invalid_unicode",
+            "documentName contains an unpaired UTF-16 surrogate.",
+        ),
+    ],
+)
+async def test_bad_document_name_is_400_naming_field_and_rule(
+    logged_in: TestClient, engine: AsyncEngine, payload: dict[str, Any], rule: str, detail: str
+) -> None:
+    raw = json.dumps(payload).encode()
+    response = await logged_in.post("/api", data=raw, headers={"Content-Type": "application/json"})
+    body = await problem(response, 400, "invalid_field")
+    assert body["field"] == "documentName"
+    assert body["rule"] == rule
+    assert body["detail"] == detail
+    assert await rows(engine) == ([], [])
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "é" * 512, "x" * 1024, "a..b", "..a/b..", "reports/2026/q3.pdf", "日本語.txt"]
+)
+async def test_good_document_names_are_accepted(logged_in: TestClient, name: str) -> None:
+    response = await logged_in.post("/api", json={"documentName": name})
+    assert response.status == 200, await response.text()
+
+
+async def test_s3_unavailable_is_503_and_writes_nothing(
+    aiohttp_client, settings: Settings, engine: AsyncEngine, user: auth.User
+) -> None:
+    client: TestClient = await aiohttp_client(
+        create_app(settings.replace(s3_bucket="no-such-bucket-503"))
+    )
+    await client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
+    response = await client.post("/api", json={"documentName": "a"})
+    body = await problem(response, 503, "s3_unavailable")
+    assert response.headers["Retry-After"] == "30"
+    assert body["detail"] == (
+        "The service's S3 credentials are not configured or failed their last check."
+    )
+    assert await rows(engine) == ([], [])
+
+
+async def test_s3_not_configured_is_503(alice_on, engine: AsyncEngine) -> None:
+    client: TestClient = await alice_on(s3_bucket=None)
+    response = await client.post("/api", json={"documentName": "a"})
+    await problem(response, 503, "s3_unavailable")
+
+
+async def test_database_unavailable_is_503_and_writes_nothing(
+    logged_in: TestClient, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP TABLE outbox")
+    response = await logged_in.post("/api", json={"documentName": "a"})
+    body = await problem(response, 503, "database_unavailable")
+    assert body["detail"] == "Nothing was written; retry shortly."
+    assert response.headers["Retry-After"] == "5"
+    async with engine.connect() as conn:
+        count = await conn.scalar(sa.select(sa.func.count()).select_from(documents))
+    assert count == 0  # the document row was rolled back with the failed outbox insert
+
+
+class TestIdempotencyKey:
+    async def test_repeat_returns_the_first_answer_and_writes_nothing(
+        self, logged_in: TestClient, engine: AsyncEngine
+    ) -> None:
+        headers = {"Idempotency-Key": "order-17"}
+        first = await logged_in.post("/api", json={"documentName": "a"}, headers=headers)
+        again = await logged_in.post("/api", json={"documentName": "a"}, headers=headers)
+        assert first.status == again.status == 200
+        assert await again.json() == await first.json()
+        assert "Idempotent-Replayed" not in first.headers
+        assert again.headers["Idempotent-Replayed"] == "true"
+        docs, events = await rows(engine)
+        assert len(docs) == len(events) == 1
+        assert docs[0].idempotency_key == "order-17"
+
+    async def test_concurrent_repeats_write_once(
+        self, logged_in: TestClient, engine: AsyncEngine
+    ) -> None:
+        import asyncio
+
+        headers = {"Idempotency-Key": "k"}
+        responses = await asyncio.gather(
+            *[
+                logged_in.post("/api", json={"documentName": "a"}, headers=headers)
+                for _ in range(20)
+            ]
+        )
+        ids = {(await r.json())["id"] for r in responses}
+        assert [r.status for r in responses] == [200] * 20
+        assert len(ids) == 1
+        docs, events = await rows(engine)
+        assert len(docs) == len(events) == 1
+
+    async def test_same_key_with_another_body_is_422(
+        self, logged_in: TestClient, engine: AsyncEngine
+    ) -> None:
+        headers = {"Idempotency-Key": "k1"}
+        await logged_in.post("/api", json={"documentName": "a"}, headers=headers)
+        response = await logged_in.post("/api", json={"documentName": "b"}, headers=headers)
+        body = await problem(response, 422, "idempotency_key_reused")
+        assert body["detail"] == (
+            "This Idempotency-Key was already used with a different request body."
+        )
+        docs, events = await rows(engine)
+        assert len(docs) == len(events) == 1
+
+    async def test_key_order_in_the_body_does_not_matter(self, logged_in: TestClient) -> None:
+        headers = {"Idempotency-Key": "k2", "Content-Type": "application/json"}
+        first = await logged_in.post("/api", data=b'{"documentName":"a","x":1}', headers=headers)
+        again = await logged_in.post("/api", data=b'{"x": 1, "documentName": "a"}', headers=headers)
+        assert again.status == 200
+        assert (await again.json())["id"] == (await first.json())["id"]
+
+    async def test_keys_are_per_user(
+        self,
+        logged_in: TestClient,
+        db: Database,
+        engine: AsyncEngine,
+        aiohttp_client,
+        client: TestClient,
+    ) -> None:
+        await auth.create_user(db, "bob", PASSWORD)
+        bob: TestClient = await aiohttp_client(client.server)
+        await bob.post("/auth/login", json={"username": "bob", "password": PASSWORD})
+        headers = {"Idempotency-Key": "shared"}
+        a = await logged_in.post("/api", json={"documentName": "a"}, headers=headers)
+        b = await bob.post("/api", json={"documentName": "a"}, headers=headers)
+        assert a.status == b.status == 200
+        assert (await a.json())["id"] != (await b.json())["id"]
+        assert "Idempotent-Replayed" not in b.headers
+        docs, events = await rows(engine)
+        assert len(docs) == len(events) == 2
+
+    @pytest.mark.parametrize("key", ["", "a" * 256, "has space", "tab\tkey", "ключ"])
+    async def test_malformed_key_is_400(self, logged_in: TestClient, key: str) -> None:
+        response = await logged_in.post(
+            "/api",
+            json={"documentName": "a"},
+            headers={"Idempotency-Key": key.encode().decode("latin-1")},
+        )
+        body = await problem(response, 400, "invalid_idempotency_key")
+        assert body["detail"] == "An Idempotency-Key is 1 to 255 visible ASCII characters."
+
+
+async def test_unknown_route_is_problem_404(client: TestClient) -> None:
+    response = await client.get("/nope")
+    assert response.status == 404
+    assert response.content_type == PROBLEM
+    body = await response.json(content_type=PROBLEM)
+    assert (body["code"], body["detail"]) == ("not_found", "No such resource.")
+
+
+async def test_wrong_method_is_problem_405(client: TestClient) -> None:
+    response = await client.get("/api")
+    assert response.status == 405
+    body = await response.json(content_type=PROBLEM)
+    assert body["code"] == "method_not_allowed"
+    assert response.headers["Allow"] == "POST"
+
+
+async def test_every_response_carries_a_request_id(client: TestClient) -> None:
+    response = await client.get("/healthz", headers={"X-Request-Id": "abc-123"})
+    assert response.headers["X-Request-Id"] == "abc-123"
+    response = await client.get("/healthz", headers={"X-Request-Id": "bad id with spaces"})
+    generated = response.headers["X-Request-Id"]
+    assert len(generated) == 22 and generated != "bad id with spaces"
+
+
+async def test_healthz(client: TestClient) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}

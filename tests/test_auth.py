@@ -1,0 +1,280 @@
+"""Login, logout, /auth/me and what the session cookie accepts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+from argon2 import PasswordHasher
+from cryptography.fernet import Fernet
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import auth
+from service.app import create_app
+from service.config import Settings
+from service.db import Database
+from service.models import users
+from tests.conftest import PASSWORD
+
+PROBLEM = "application/problem+json"
+COOKIE = "inngest_outbox_session"
+
+
+async def login(client: TestClient, username: str = "alice", password: str = PASSWORD) -> Any:
+    return await client.post("/auth/login", json={"username": username, "password": password})
+
+
+def forge_cookie(secret: bytes, session: dict[str, Any], *, age_seconds: int = 0) -> str:
+    fernet = Fernet(base64.urlsafe_b64encode(secret))
+    created = int(time.time()) - age_seconds
+    data = json.dumps({"created": created, "session": session}).encode()
+    return fernet.encrypt_at_time(data, created).decode()
+
+
+async def test_login_sets_a_hardened_cookie(client: TestClient, user: auth.User) -> None:
+    response = await login(client)
+    assert response.status == 200
+    assert await response.json() == {"username": "alice", "admin": False, "expires_in": 604800}
+    cookie = response.cookies[COOKIE]
+    assert cookie["httponly"] is True
+    assert cookie["samesite"] == "Lax"
+    assert cookie["max-age"] == "604800"
+    assert cookie["path"] == "/"
+    assert not cookie["secure"]
+
+
+async def test_cookie_is_secure_when_configured(
+    aiohttp_client, settings: Settings, engine: AsyncEngine, user: auth.User
+) -> None:
+    client: TestClient = await aiohttp_client(
+        create_app(settings.replace(session_cookie_secure=True, session_max_age_seconds=60))
+    )
+    response = await login(client)
+    cookie = response.cookies[COOKIE]
+    assert cookie["secure"] is True
+    assert cookie["max-age"] == "60"
+
+
+async def test_me_after_login(client: TestClient, user: auth.User) -> None:
+    await login(client)
+    response = await client.get("/auth/me")
+    assert response.status == 200
+    assert await response.json() == {"id": user.id, "username": "alice", "admin": False}
+
+
+async def test_admin_flag_is_reported(
+    client: TestClient, db: Database, engine: AsyncEngine
+) -> None:
+    await auth.create_user(db, "root", PASSWORD, is_admin=True)
+    response = await login(client, "root")
+    assert (await response.json())["admin"] is True
+
+
+async def test_me_without_session_is_401(client: TestClient) -> None:
+    response = await client.get("/auth/me")
+    assert response.status == 401
+    body = await response.json(content_type=PROBLEM)
+    assert body["code"] == "unauthenticated"
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_401(
+    client: TestClient, user: auth.User
+) -> None:
+    wrong = await login(client, "alice", "not the password")
+    unknown = await login(client, "mallory", "not the password")
+    assert wrong.status == unknown.status == 401
+    wrong_body = await wrong.json(content_type=PROBLEM)
+    unknown_body = await unknown.json(content_type=PROBLEM)
+    assert (
+        wrong_body
+        == unknown_body
+        == {
+            "type": "https://inngest-outbox.dev/problems/invalid_credentials",
+            "title": "Login failed",
+            "status": 401,
+            "code": "invalid_credentials",
+            "detail": "The username or password is wrong.",
+            "instance": "/auth/login",
+        }
+    )
+    assert COOKIE not in wrong.cookies
+
+
+async def test_unknown_user_still_costs_a_hash_verification(
+    client: TestClient, user: auth.User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verified: list[str] = []
+    real_verify = auth._verify
+
+    def counting_verify(stored: str, password: str) -> bool:
+        verified.append(stored)
+        return real_verify(stored, password)
+
+    monkeypatch.setattr(auth, "_verify", counting_verify)
+    await login(client, "mallory", "whatever-password")
+    await login(client, "alice", "whatever-password")
+    assert len(verified) == 2
+    assert all(h.startswith("$argon2id$") for h in verified)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"password": PASSWORD}, "username"),
+        ({"username": "alice"}, "password"),
+        ({"username": 1, "password": PASSWORD}, "username"),
+        ({"username": "alice", "password": ""}, "password"),
+    ],
+)
+async def test_login_body_errors_are_400(
+    client: TestClient, user: auth.User, payload: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/auth/login", json=payload)
+    assert response.status == 400
+    body = await response.json(content_type=PROBLEM)
+    assert body["code"] == "invalid_field"
+    assert body["field"] == field
+    assert body["rule"] == "required"
+
+
+async def test_login_needs_json(client: TestClient) -> None:
+    response = await client.post("/auth/login", data="username=alice&password=x")
+    assert response.status == 415
+    assert (await response.json(content_type=PROBLEM))["code"] == "unsupported_media_type"
+
+
+async def test_logout_clears_the_session(client: TestClient, user: auth.User) -> None:
+    await login(client)
+    response = await client.post("/auth/logout")
+    assert response.status == 204
+    assert response.cookies[COOKIE].value == ""
+    assert (await client.get("/auth/me")).status == 401
+    assert (await client.post("/api", json={"documentName": "a"})).status == 401
+
+
+async def test_login_replaces_a_planted_session(
+    client: TestClient, user: auth.User, settings: Settings, engine: AsyncEngine
+) -> None:
+    assert settings.session_secret is not None
+    planted = forge_cookie(settings.session_secret, {"planted": True})
+    client.session.cookie_jar.update_cookies({COOKIE: planted})
+    response = await login(client)
+    assert response.cookies[COOKIE].value != planted
+
+
+class TestCookiesThatAreNotAccepted:
+    async def test_garbage(self, client: TestClient) -> None:
+        client.session.cookie_jar.update_cookies({COOKIE: "not-a-fernet-token"})
+        assert (await client.get("/auth/me")).status == 401
+
+    async def test_tampered(self, client: TestClient, user: auth.User) -> None:
+        response = await login(client)
+        value = response.cookies[COOKIE].value
+        middle = len(value) // 2
+        flipped = value[:middle] + ("A" if value[middle] != "A" else "B") + value[middle + 1 :]
+        client.session.cookie_jar.clear()
+        client.session.cookie_jar.update_cookies({COOKIE: flipped})
+        assert (await client.get("/auth/me")).status == 401
+
+    async def test_signed_with_another_secret(self, client: TestClient, user: auth.User) -> None:
+        other = forge_cookie(b"\x01" * 32, {"uid": user.id, "name": "alice", "admin": True})
+        client.session.cookie_jar.update_cookies({COOKIE: other})
+        assert (await client.get("/auth/me")).status == 401
+        assert (await client.post("/api", json={"documentName": "a"})).status == 401
+
+    async def test_expired(self, client: TestClient, user: auth.User, settings: Settings) -> None:
+        assert settings.session_secret is not None
+        session = {"uid": user.id, "name": "alice", "admin": False}
+        fresh = forge_cookie(settings.session_secret, session, age_seconds=10)
+        client.session.cookie_jar.update_cookies({COOKIE: fresh})
+        assert (await client.get("/auth/me")).status == 200  # the forging is right...
+        stale = forge_cookie(
+            settings.session_secret, session, age_seconds=settings.session_max_age_seconds + 5
+        )
+        client.session.cookie_jar.update_cookies({COOKIE: stale})
+        assert (await client.get("/auth/me")).status == 401  # ...and age alone refuses it
+
+
+async def test_outdated_hash_is_upgraded_on_login(
+    client: TestClient, engine: AsyncEngine, user: auth.User
+) -> None:
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
+    async with engine.begin() as conn:
+        await conn.execute(users.update().values(password_hash=weak))
+    assert (await login(client)).status == 200
+    async with engine.connect() as conn:
+        stored = await conn.scalar(sa.select(users.c.password_hash))
+    assert stored != weak
+    assert not PasswordHasher().check_needs_rehash(stored)
+
+
+async def test_passwords_are_stored_as_argon2id(engine: AsyncEngine, user: auth.User) -> None:
+    async with engine.connect() as conn:
+        stored = await conn.scalar(sa.select(users.c.password_hash))
+    assert stored.startswith("$argon2id$")
+    assert PASSWORD not in stored
+
+
+async def test_duplicate_user_is_refused(
+    db: Database, engine: AsyncEngine, user: auth.User
+) -> None:
+    with pytest.raises(auth.UserExists):
+        await auth.create_user(db, "alice", PASSWORD)
+
+
+@pytest.mark.parametrize("name", ["", "has space", "x" * 65, "semi;colon"])
+async def test_bad_usernames_are_refused(db: Database, engine: AsyncEngine, name: str) -> None:
+    with pytest.raises(auth.InvalidUserInput):
+        await auth.create_user(db, name, PASSWORD)
+
+
+async def test_short_password_is_refused(db: Database, engine: AsyncEngine) -> None:
+    with pytest.raises(auth.InvalidUserInput):
+        await auth.create_user(db, "bob", "short")
+
+
+async def test_login_is_503_when_too_many_password_checks_wait(
+    aiohttp_client, settings: Settings, engine: AsyncEngine, user: auth.User
+) -> None:
+    from service.keys import PASSWORDS
+
+    app = create_app(settings)
+    app[PASSWORDS] = auth.PasswordVerifier(concurrency=1, max_waiting=0)
+    client: TestClient = await aiohttp_client(app)
+    response = await login(client)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    body = await response.json(content_type=PROBLEM)
+    assert body["code"] == "login_busy"
+
+
+async def test_password_checks_run_a_few_at_a_time(user: auth.User) -> None:
+    import asyncio
+
+    verifier = auth.PasswordVerifier(concurrency=2, max_waiting=100)
+    running = peak = 0
+    real_verify = auth._verify
+
+    def tracking_verify(stored: str, password: str) -> bool:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return real_verify(stored, password)
+        finally:
+            running -= 1
+
+    auth_verify = auth._verify
+    auth._verify = tracking_verify  # type: ignore[assignment]
+    try:
+        stored = await auth.hash_password(PASSWORD)
+        results = await asyncio.gather(*(verifier.verify(stored, PASSWORD) for _ in range(6)))
+    finally:
+        auth._verify = auth_verify  # type: ignore[assignment]
+    assert results == [True] * 6
+    assert peak == 2

@@ -1,0 +1,53 @@
+"""The database's write path: what happens when it cannot write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from service.db import Database, DatabaseClosed
+
+
+async def test_a_database_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    with pytest.raises(sa.exc.OperationalError):
+        await db.start()
+    await db.engine.dispose()
+
+
+async def test_writes_after_close_are_refused(db: Database) -> None:
+    await db.close()
+    with pytest.raises(DatabaseClosed):
+        await db.write(lambda conn: conn.execute(sa.text("SELECT 1")))
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_dead_writer_thread_fails_writes_instead_of_hanging(db: Database) -> None:
+    def kill_the_thread(conn: object) -> None:
+        raise SystemExit("simulated crash of the writer thread")
+
+    with pytest.raises(DatabaseClosed):
+        await db.write(kill_the_thread)
+    assert db.writer_healthy is False
+    with pytest.raises(DatabaseClosed):
+        await db.write(lambda conn: None)
+
+
+async def test_one_failing_job_does_not_fail_the_others_in_its_transaction(
+    db: Database,
+) -> None:
+    import asyncio
+
+    def fails(conn: sa.Connection) -> None:
+        conn.execute(sa.text("SELECT * FROM no_such_table"))
+
+    def works(conn: sa.Connection) -> int:
+        return conn.execute(sa.text("SELECT 41 + 1")).scalar_one()
+
+    results = await asyncio.gather(
+        db.write(works), db.write(fails), db.write(works), return_exceptions=True
+    )
+    assert results[0] == results[2] == 42
+    assert isinstance(results[1], sa.exc.ProgrammingError | sa.exc.OperationalError)

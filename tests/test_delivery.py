@@ -1,0 +1,673 @@
+"""The delivery worker against the stand-in Inngest: every rule of issue 4."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import auth, outbox
+from service.app import inngest_client
+from service.config import Settings
+from service.db import Database, RawJSON
+from service.delivery.worker import DeliveryWorker, split_for_request
+from service.ids import new_event_id
+from service.models import outbox as outbox_table
+from tests.fakes.inngest import Fault, StandIn
+from tests.support.net import free_port
+
+
+@pytest.fixture
+def delivery_settings(settings: Settings, inngest: StandIn) -> Settings:
+    return settings.replace(
+        inngest_base_url=inngest.base_url,  # type: ignore[attr-defined]
+        inngest_event_key=inngest.event_key,
+        # Retries land seconds ahead, so one drain does not retry at once;
+        # tests move the clock (``later``) to make them due.
+        retry_base_seconds=10,
+        retry_cap_seconds=10,
+        retry_max_attempts=5,
+        inngest_timeout_seconds=2.0,
+        worker_poll_seconds=30.0,
+        worker_lease_seconds=30.0,
+    )
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def make_worker(
+    db: Database, settings: Settings, http: aiohttp.ClientSession, **kwargs: Any
+) -> DeliveryWorker:
+    return DeliveryWorker(
+        db, inngest_client(settings, http), settings, rng=random.Random(7), **kwargs
+    )
+
+
+async def enqueue(db: Database, count: int, *, data: dict[str, Any] | None = None) -> list[str]:
+    now = datetime.now(UTC)
+    events = []
+    for i in range(count):
+        event_id = new_event_id()
+        event = outbox.build_event(
+            event_id=event_id,
+            name="test/document.requested",
+            data=data or {"documentName": f"doc-{i}"},
+            user_id=1,
+            username="alice",
+            ts_ms=int(now.timestamp() * 1000),
+        )
+        events.append(outbox.NewEvent(event_id, event["name"], RawJSON(json.dumps(event)), now))
+    await db.write(lambda conn: outbox.enqueue(conn, events))
+    return [e.id for e in events]
+
+
+def later(seconds: float = 1.0) -> datetime:
+    """A clock ahead of now, for rows whose retry time has not come yet."""
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def states(engine: AsyncEngine) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(outbox_table))).all()
+    return {row.id: row for row in rows}
+
+
+async def status_counts(engine: AsyncEngine) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in (await states(engine)).values():
+        counts[row.status] = counts.get(row.status, 0) + 1
+    return counts
+
+
+# -- claiming ---------------------------------------------------------------------
+
+
+async def test_claim_leases_due_rows_once(db: Database, engine: AsyncEngine) -> None:
+    ids = await enqueue(db, 3)
+    now = datetime.now(UTC)
+    claim = await outbox.claim_batch(db, owner="w1", limit=10, lease_seconds=30, now=now)
+    assert sorted(e.id for e in claim.events) == sorted(ids)
+    rows = await states(engine)
+    for row in rows.values():
+        assert row.status == "sending"
+        assert row.lease_owner == "w1"
+        assert row.lease_token == claim.token
+        assert row.lease_expires_at == now + timedelta(seconds=30)
+    again = await outbox.claim_batch(db, owner="w2", limit=10, lease_seconds=30, now=now)
+    assert again.events == []
+
+
+async def test_claim_respects_the_limit_and_takes_the_oldest(
+    db: Database, engine: AsyncEngine
+) -> None:
+    ids = await enqueue(db, 5)
+    claim = await outbox.claim_batch(
+        db, owner="w", limit=2, lease_seconds=30, now=datetime.now(UTC)
+    )
+    assert len(claim.events) == 2
+    assert set(e.id for e in claim.events) <= set(ids)
+
+
+async def test_rows_not_yet_due_are_not_claimed(db: Database, engine: AsyncEngine) -> None:
+    await enqueue(db, 1)
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    claim = await outbox.claim_batch(db, owner="w", limit=10, lease_seconds=30, now=past)
+    assert claim.events == []
+
+
+async def test_expired_lease_is_claimed_again_with_the_same_event_id(
+    db: Database, engine: AsyncEngine
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    now = datetime.now(UTC)
+    first = await outbox.claim_batch(db, owner="dead", limit=10, lease_seconds=5, now=now)
+    later = now + timedelta(seconds=6)
+    second = await outbox.claim_batch(db, owner="alive", limit=10, lease_seconds=5, now=later)
+    assert [e.id for e in second.events] == [event_id]
+    assert second.events[0].payload == first.events[0].payload
+    assert json.loads(second.events[0].payload)["id"] == event_id
+    assert second.token != first.token
+    row = (await states(engine))[event_id]
+    assert row.lease_owner == "alive"
+
+
+async def test_concurrent_claims_never_share_a_row(db: Database, engine: AsyncEngine) -> None:
+    await enqueue(db, 200)
+    now = datetime.now(UTC)
+    claims = await asyncio.gather(
+        *(
+            outbox.claim_batch(db, owner=f"w{i}", limit=30, lease_seconds=30, now=now)
+            for i in range(8)
+        )
+    )
+    ids = [e.id for c in claims for e in c.events]
+    assert len(ids) == len(set(ids)) == 200  # 8 x 30 places for 200 rows
+
+
+async def test_stale_lease_token_marks_nothing(db: Database, engine: AsyncEngine) -> None:
+    [event_id] = await enqueue(db, 1)
+    now = datetime.now(UTC)
+    old = await outbox.claim_batch(db, owner="a", limit=1, lease_seconds=1, now=now)
+    new = await outbox.claim_batch(
+        db, owner="b", limit=1, lease_seconds=30, now=now + timedelta(seconds=2)
+    )
+    assert await outbox.mark_delivered(db, [event_id], old.token, now=now) == 0
+    assert await outbox.mark_failed(db, [event_id], old.token, error="x", status_code=400) == 0
+    assert await outbox.release(db, [event_id], old.token) == 0
+    row = (await states(engine))[event_id]
+    assert (row.status, row.lease_token) == ("sending", new.token)
+
+
+# -- sending ------------------------------------------------------------------------
+
+
+async def test_delivers_a_batch_as_one_array_with_the_outbox_ids(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    ids = await enqueue(db, 5)
+    worker = make_worker(db, delivery_settings.replace(inngest_env="feature-x"), http)
+    stats = await worker.drain_once()
+    assert stats.delivered == 5
+    [request] = inngest.requests
+    assert [e["id"] for e in request["events"]] == ids  # oldest first, the outbox ids
+    assert request["headers"]["Content-Type"] == "application/json"
+    assert request["headers"]["User-Agent"].startswith("inngest-outbox/")
+    assert request["headers"]["X-Inngest-Env"] == "feature-x"
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+    for row in (await states(engine)).values():
+        assert row.status == "delivered"
+        assert row.delivered_at is not None
+        assert row.attempts == 1
+        assert row.last_status_code == 200
+        assert row.lease_token is None and row.lease_owner is None
+
+
+async def test_batches_are_split_by_event_count(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    ids = await enqueue(db, 25)
+    settings = delivery_settings.replace(inngest_max_batch_events=10, worker_batch_size=1000)
+    stats = await make_worker(db, settings, http).drain_once()
+    assert stats.delivered == 25
+    assert [len(r["events"]) for r in inngest.requests] == [10, 10, 5]
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+
+
+async def test_batches_are_split_by_request_bytes(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    await enqueue(db, 20, data={"documentName": "x", "blob": "y" * 400})
+    settings = delivery_settings.replace(inngest_max_request_bytes=2048)
+    stats = await make_worker(db, settings, http).drain_once()
+    assert stats.delivered == 20
+    assert len(inngest.requests) > 1
+    assert all(r["bytes"] <= 2048 for r in inngest.requests)
+
+
+def test_split_for_request_is_exact() -> None:
+    events = [outbox.ClaimedEvent(str(i), "x" * 10, 0) for i in range(5)]
+    # [a,b] is 2 + 10 + 1 + 10 = 23 bytes: two fit in 23, not in 22.
+    assert [len(c) for c in split_for_request(events, max_events=10, max_bytes=23)] == [2, 2, 1]
+    assert [len(c) for c in split_for_request(events, max_events=10, max_bytes=22)] == [1] * 5
+    assert [len(c) for c in split_for_request(events, max_events=3, max_bytes=10**6)] == [3, 2]
+    big = [outbox.ClaimedEvent("big", "x" * 100, 0)]
+    assert list(split_for_request(big, max_events=10, max_bytes=50)) == [big]
+
+
+async def test_in_flight_requests_are_bounded(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    await enqueue(db, 40)
+    settings = delivery_settings.replace(worker_batch_size=5, worker_max_in_flight=3)
+    in_flight = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def hold(events: list[dict[str, Any]]) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if peak == 3:
+            release.set()
+        await release.wait()
+        in_flight -= 1
+
+    inngest.on_request = hold
+    worker = make_worker(db, settings, http)
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(10):
+        await inngest.received(40)
+    await worker.stop()
+    await task
+    assert peak == 3
+
+
+async def test_no_transaction_is_held_while_a_request_is_in_flight(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    await enqueue(db, 3)
+    wrote_during_send: list[str] = []
+
+    async def write_meanwhile(events: list[dict[str, Any]]) -> None:
+        # A writer that finds the database locked would wait out busy_timeout
+        # (5 s) and fail; with no transaction open it commits at once.
+        async with asyncio.timeout(1):
+            wrote_during_send.extend(await enqueue(db, 1))
+
+    inngest.on_request = write_meanwhile
+    settings = delivery_settings.replace(worker_batch_size=3)
+    worker = make_worker(db, settings, http)
+    claim = await worker._claim()
+    assert claim is not None
+    await worker._deliver_claim(claim, release_capacity=False)
+    assert len(wrote_during_send) == 1
+    assert (await status_counts(engine)) == {"delivered": 3, "pending": 1}
+
+
+# -- outcomes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "error_start"),
+    [
+        (Fault.ERROR_500, 500, 'HTTP 500: {"status": 500, "error": "internal error"}'),
+        (Fault.ERROR_503, 503, "HTTP 503: "),
+        (Fault.TEAPOT, 418, 'HTTP 418: {"status": 418, "error": "teapot"}'),
+        (Fault.REDIRECT, 302, "HTTP 302: "),
+        (Fault.GARBAGE_200, 200, "unexpected answer to 2 events: HTTP 200: <html>ok</html>"),
+    ],
+)
+async def test_transient_answers_are_retried_with_the_body_recorded(
+    db: Database,
+    engine: AsyncEngine,
+    delivery_settings: Settings,
+    inngest: StandIn,
+    http,
+    fault: Fault,
+    status: int,
+    error_start: str,
+) -> None:
+    ids = await enqueue(db, 2)
+    inngest.fail_next(fault)
+    before = datetime.now(UTC)
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert stats.retried == 2 and stats.delivered == 0
+    for row in (await states(engine)).values():
+        assert row.status == "pending"
+        assert row.attempts == 1
+        assert row.last_status_code == status
+        assert row.last_error.startswith(error_start)
+        # Full jitter: at most base * 2**0 = 10 s after the failure.
+        assert before <= row.available_at <= datetime.now(UTC) + timedelta(seconds=10)
+    # Once due, they go through, with the same ids.
+    stats = await make_worker(db, delivery_settings, http, clock=lambda: later(11)).drain_once()
+    assert stats.delivered == 2
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+
+
+async def test_timeout_is_retried_and_resent_with_the_same_id(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    inngest.slow_seconds = 1.0
+    inngest.fail_next(Fault.SLOW)
+    settings = delivery_settings.replace(inngest_timeout_seconds=0.2)
+    stats = await make_worker(db, settings, http).drain_once()
+    assert stats.retried == 1
+    row = (await states(engine))[event_id]
+    assert row.last_error == "timed out after 0.2s"
+    assert row.last_status_code is None
+    await make_worker(db, settings, http, clock=lambda: later(11)).drain_once()
+    # Accepted twice under one id: Inngest runs functions once per id.
+    assert inngest.accepted_ids == [event_id, event_id]
+    assert (await states(engine))[event_id].status == "delivered"
+
+
+async def test_connection_refused_is_retried_without_leaking_the_key(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    settings = delivery_settings.replace(
+        inngest_base_url=f"http://127.0.0.1:{free_port()}", inngest_event_key="sekrit-key-123"
+    )
+    stats = await make_worker(db, settings, http).drain_once()
+    assert stats.retried == 1
+    row = (await states(engine))[event_id]
+    assert row.last_error.startswith("ClientConnectorError: Cannot connect to host 127.0.0.1")
+    assert "sekrit-key-123" not in row.last_error
+
+
+async def test_dropped_connection_is_retried(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    inngest.fail_next(Fault.DROP)
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert stats.retried == 1
+    row = (await states(engine))[event_id]
+    assert row.last_error.startswith(("ServerDisconnectedError", "ClientOSError"))
+
+
+async def test_429_honours_retry_after_and_pauses_the_worker(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    await enqueue(db, 2)
+    inngest.retry_after = "7"
+    inngest.fail_next(Fault.RATE_LIMIT)
+    worker = make_worker(db, delivery_settings, http)
+    before = datetime.now(UTC)
+    stats = await worker.drain_once()
+    assert stats.retried == 2
+    for row in (await states(engine)).values():
+        assert row.last_status_code == 429
+        assert row.available_at >= before + timedelta(seconds=7)
+    assert worker._is_paused()
+
+
+async def test_out_of_attempts_is_failed(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    settings = delivery_settings.replace(retry_max_attempts=3, retry_base_seconds=0)
+    inngest.fail_next(Fault.ERROR_500, times=3)
+    worker = make_worker(db, settings, http)
+    # With no backoff each retry is due at once, so one burst runs them all.
+    stats = await worker.drain_once()
+    assert (stats.retried, stats.failed, len(inngest.requests)) == (2, 1, 3)
+    row = (await states(engine))[event_id]
+    assert (row.status, row.attempts, row.last_status_code) == ("failed", 3, 500)
+    assert await worker.drain_once() == stats  # nothing more is claimed
+    assert inngest.accepted == []
+
+
+async def test_a_poison_event_is_isolated_and_the_rest_delivered(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    ids = await enqueue(db, 8)
+    poison = ids[5]
+    inngest.poison_ids = {poison}
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert (stats.delivered, stats.failed) == (7, 1)
+    rows = await states(engine)
+    assert rows[poison].status == "failed"
+    assert rows[poison].attempts == 1
+    assert rows[poison].last_status_code == 400
+    assert rows[poison].last_error == f"HTTP 400: event {poison} is invalid"
+    assert all(rows[i].status == "delivered" for i in ids if i != poison)
+    # The prefix the first 400 accepted is not sent again; each other event
+    # reaches Inngest exactly once.
+    assert sorted(inngest.accepted_ids) == sorted(i for i in ids if i != poison)
+    assert inngest.accepted_counts().most_common(1)[0][1] == 1
+
+
+async def test_two_poison_events_in_one_batch(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    ids = await enqueue(db, 16)
+    inngest.poison_ids = {ids[0], ids[11]}
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert (stats.delivered, stats.failed) == (14, 2)
+    assert sorted(inngest.accepted_ids) == sorted(set(ids) - {ids[0], ids[11]})
+
+
+async def test_413_splits_the_batch(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    ids = await enqueue(db, 8, data={"documentName": "x", "blob": "y" * 300})
+    inngest.max_body_bytes = 1500  # the stand-in refuses what our limit allows
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert stats.delivered == 8
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+    assert [r["bytes"] > 1500 for r in inngest.requests].count(True) >= 1
+
+
+async def test_a_single_event_still_too_large_is_failed(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    small = await enqueue(db, 3)
+    [big] = await enqueue(db, 1, data={"documentName": "x", "blob": "y" * 5000})
+    inngest.max_event_bytes = 2000
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert (stats.delivered, stats.failed) == (3, 1)
+    row = (await states(engine))[big]
+    assert (row.status, row.last_status_code) == ("failed", 413)
+    assert row.last_error == 'HTTP 413: {"status": 413, "error": "event too large"}'
+    assert sorted(inngest.accepted_ids) == sorted(small)
+
+
+@pytest.mark.parametrize("fault", [None, Fault.FORBIDDEN, Fault.NOT_FOUND])
+async def test_bad_event_key_fails_nothing_and_reports_unhealthy_until_a_send_succeeds(
+    db: Database,
+    engine: AsyncEngine,
+    delivery_settings: Settings,
+    inngest: StandIn,
+    http,
+    caplog: pytest.LogCaptureFixture,
+    fault: Fault | None,
+) -> None:
+    ids = await enqueue(db, 3)
+    if fault is None:
+        settings = delivery_settings.replace(inngest_event_key="wrong-key-456")
+    else:
+        settings = delivery_settings
+        inngest.fail_next(fault, times=2)
+    worker = make_worker(db, settings, http)
+    with caplog.at_level(logging.ERROR):
+        await worker.drain_once()
+        worker._paused_until = None  # skip the back-off, to show the log is once
+        await worker.drain_once()
+    assert worker.health.can_send is False
+    assert "refused the event key" in worker.health.detail
+    for row in (await states(engine)).values():
+        assert (row.status, row.attempts, row.lease_token) == ("pending", 0, None)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "check INNGEST_EVENT_KEY" in errors[0].getMessage()
+    assert "wrong-key-456" not in caplog.text and inngest.event_key not in caplog.text
+
+    fixed = make_worker(db, delivery_settings, http)
+    fixed._can_send = False  # as the worker above left things
+    await fixed.drain_once()
+    assert fixed.health.can_send is True
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+
+
+async def test_late_answer_after_lease_expiry_does_not_overwrite_the_newer_state(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    first_request = asyncio.Event()
+    answer_first = asyncio.Event()
+    calls = 0
+
+    async def hold_first(events: list[dict[str, Any]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            first_request.set()
+            await answer_first.wait()
+
+    inngest.on_request = hold_first
+    inngest.fail_next(Fault.ERROR_500)  # the slow worker's request will fail...
+    slow = make_worker(db, delivery_settings.replace(worker_lease_seconds=30), http)
+    slow_task = asyncio.create_task(slow.drain_once())
+    await first_request.wait()
+    # ...after its lease has run out: another worker, a minute later, takes the row.
+    fast = make_worker(db, delivery_settings, http, clock=lambda: later(60))
+    assert (await fast.drain_once()).delivered == 1
+    answer_first.set()
+    stats = await slow_task
+    assert stats.lost_leases == 1
+    row = (await states(engine))[event_id]
+    assert (row.status, row.attempts) == ("delivered", 1)  # not put back to pending
+
+
+# -- latency -------------------------------------------------------------------------
+
+
+async def test_a_commit_wakes_the_in_process_worker_at_once(
+    aiohttp_client, delivery_settings: Settings, engine: AsyncEngine, user: auth.User, inngest
+) -> None:
+    from service.app import create_app
+    from tests.conftest import PASSWORD
+
+    # A 60 s poll: only the wake-up can deliver within the test's timeout.
+    app = create_app(delivery_settings.replace(worker_poll_seconds=60, run_worker=True))
+    client = await aiohttp_client(app)
+    await client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
+    response = await client.post("/api", json={"documentName": "now.txt"})
+    event_id = (await response.json())["id"]
+    async with asyncio.timeout(5):
+        await inngest.received(1)
+    assert inngest.accepted_ids == [event_id]
+
+
+async def test_a_retry_is_sent_when_due_not_at_the_next_poll(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    inngest.fail_next(Fault.ERROR_500)
+    settings = delivery_settings.replace(
+        worker_poll_seconds=60, retry_base_seconds=0.2, retry_cap_seconds=0.2
+    )
+    worker = make_worker(db, settings, http)
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(5):
+            await inngest.received(1)
+    finally:
+        await worker.stop()
+        await task
+    assert inngest.accepted_ids == [event_id]
+    assert len(inngest.requests) == 2
+
+
+# -- shutdown ------------------------------------------------------------------------
+
+
+async def test_stop_lets_an_in_flight_send_finish(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    inngest.slow_seconds = 0.3
+    inngest.fail_next(Fault.SLOW)
+    worker = make_worker(db, delivery_settings, http)
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(5):
+        await inngest.received(1)  # accepted; the answer is still 0.3 s away
+    await worker.stop(grace_seconds=5)
+    await task
+    assert (await states(engine))[event_id].status == "delivered"
+
+
+async def test_stop_past_the_grace_period_releases_the_lease(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    hold = inngest.hold_requests()
+    worker = make_worker(db, delivery_settings, http)
+    task = asyncio.create_task(worker.run())
+    await hold.arrived.wait()
+    await worker.stop(grace_seconds=0.1)
+    await task
+    row = (await states(engine))[event_id]
+    assert (row.status, row.attempts, row.lease_token) == ("pending", 0, None)
+    assert worker.stats.released == 1
+    hold.release()
+
+
+async def test_stop_releases_claimed_chunks_that_were_not_sent(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    await enqueue(db, 6)
+    settings = delivery_settings.replace(inngest_max_batch_events=2, worker_batch_size=6)
+    worker = make_worker(db, settings, http)
+
+    async def stop_after_first(events: list[dict[str, Any]]) -> None:
+        worker._stopping.set()  # as stop() does; the first chunk still completes
+
+    inngest.on_request = stop_after_first
+    claim = await worker._claim()
+    assert claim is not None
+    await worker._deliver_claim(claim, release_capacity=False)
+    assert await status_counts(engine) == {"delivered": 2, "pending": 4}
+    assert worker.stats.released == 4
+
+
+# -- retention ---------------------------------------------------------------------
+
+
+async def test_retention_deletes_only_old_delivered_rows_in_small_batches(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, http
+) -> None:
+    old = await enqueue(db, 25)
+    recent = await enqueue(db, 3)
+    failed = await enqueue(db, 1)
+    pending = await enqueue(db, 1)
+    now = datetime.now(UTC)
+    claim = await outbox.claim_batch(db, owner="w", limit=100, lease_seconds=30, now=now)
+    leased = {e.id for e in claim.events}
+    assert leased >= set(old + recent + failed)
+    await outbox.mark_delivered(db, old, claim.token, now=now - timedelta(days=8))
+    await outbox.mark_delivered(db, recent, claim.token, now=now - timedelta(days=6))
+    await outbox.mark_failed(db, failed, claim.token, error="x", status_code=400)
+    await outbox.release(db, pending, claim.token)
+    worker = make_worker(db, delivery_settings.replace(retention_batch=10), http)
+    assert await worker.purge_once() == 25
+    remaining = await states(engine)
+    assert set(remaining) == set(recent + failed + pending)
+    assert {remaining[i].status for i in failed + pending} == {"failed", "pending"}
+    assert await worker.purge_once() == 0
+
+
+async def test_retention_can_be_turned_off(db: Database, delivery_settings: Settings, http) -> None:
+    ids = await enqueue(db, 2)
+    now = datetime.now(UTC)
+    claim = await outbox.claim_batch(db, owner="w", limit=10, lease_seconds=30, now=now)
+    await outbox.mark_delivered(db, ids, claim.token, now=now - timedelta(days=365))
+    worker = make_worker(db, delivery_settings.replace(retention_days=0), http)
+    assert await worker.purge_once() == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_claim_committed_while_stopping_is_released_not_left_leased(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, http
+) -> None:
+    import threading
+
+    await enqueue(db, 5)
+    writer_busy = threading.Event()
+    go_on = threading.Event()
+
+    def slow_job(conn: Any) -> None:  # holds the writer thread: the claim queues behind it
+        writer_busy.set()
+        go_on.wait(timeout=10)
+
+    blocker = asyncio.create_task(db.write(slow_job))
+    await asyncio.to_thread(writer_busy.wait, 10)
+    worker = make_worker(db, delivery_settings, http)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.05)  # run() is now waiting for its claim
+    stopping = asyncio.create_task(worker.stop(grace_seconds=1))
+    await asyncio.sleep(0)
+    go_on.set()  # the claim commits after the stop began
+    await blocker
+    await stopping
+    task.cancel()  # as the app's cleanup does once stop() returns
+    await asyncio.gather(task, return_exceptions=True)
+    assert worker.stats.claimed == 5
+    assert await status_counts(engine) == {"pending": 5}

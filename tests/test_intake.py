@@ -1,0 +1,270 @@
+"""Group commit: whole submissions per transaction, whatever is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import await_only
+
+from service import auth, outbox
+from service.app import create_app
+from service.config import Settings
+from service.db import Database, RawJSON
+from service.ids import new_event_id
+from service.intake import (
+    Accepted,
+    DocumentIntake,
+    IntakeClosed,
+    Overloaded,
+    StorageUnavailable,
+    Submission,
+)
+from service.keys import INTAKE
+from service.models import documents
+from service.models import outbox as outbox_table
+from tests.conftest import PASSWORD
+
+
+class Gate:
+    """Holds the database's writer thread inside a transaction until released."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.entered = asyncio.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # SQLite: on the database's writer thread
+            self._loop.call_soon_threadsafe(self.entered.set)
+            self.release.wait(timeout=30)
+        else:  # PostgreSQL: in SQLAlchemy's greenlet on the event loop
+            await_only(self._wait())
+
+    async def _wait(self) -> None:
+        self.entered.set()
+        await asyncio.to_thread(self.release.wait, 30)
+
+
+def submission(user: auth.User, name: str = "doc") -> Submission:
+    event_id = new_event_id()
+    return Submission(
+        user_id=user.id,
+        document_name=name,
+        event=outbox.NewEvent(
+            id=event_id,
+            name="test/event",
+            payload=RawJSON(f'{{"id":"{event_id}","name":"test/event","data":{{}}}}'),
+            created_at=datetime.now(UTC),
+        ),
+    )
+
+
+async def counts(engine: AsyncEngine) -> tuple[int, int]:
+    async with engine.connect() as conn:
+        docs = await conn.scalar(sa.select(sa.func.count()).select_from(documents))
+        events = await conn.scalar(sa.select(sa.func.count()).select_from(outbox_table))
+    return docs, events
+
+
+@pytest_asyncio.fixture
+async def intake(db: Database) -> AsyncIterator[DocumentIntake]:
+    intake = DocumentIntake(db, queue_limit=100, batch_limit=50)
+    await intake.start()
+    yield intake
+    await intake.close()
+
+
+async def test_concurrent_submissions_share_commits(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    subs = [submission(user, f"d{i}") for i in range(100)]
+    results = await asyncio.gather(*(intake.submit(s) for s in subs))
+    assert results == [Accepted(s.event.id) for s in subs]
+    assert await counts(engine) == (100, 100)
+    # 100 submissions, batches of at most 50: two commits, not a hundred.
+    assert intake.commits == 2
+
+
+async def test_each_answer_waits_for_its_commit(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    gate = Gate()
+    intake.hook_before_commit = gate
+    task = asyncio.create_task(intake.submit(submission(user)))
+    await gate.entered.wait()
+    await asyncio.sleep(0)
+    assert not task.done()  # both rows written, COMMIT not yet run: no answer
+    assert await counts(engine) == (0, 0)  # and another connection sees nothing
+    gate.release.set()
+    await task
+    assert await counts(engine) == (1, 1)
+
+
+async def test_cancelled_while_queued_writes_nothing(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    gate = Gate()
+    intake.hook_mid_transaction = gate
+    first = asyncio.create_task(intake.submit(submission(user, "first")))
+    await gate.entered.wait()
+    queued = asyncio.create_task(intake.submit(submission(user, "queued")))
+    await asyncio.sleep(0)  # let it reach the queue
+    assert intake.queued == 2  # "first" in its transaction, "queued" waiting
+    queued.cancel()
+    gate.release.set()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await intake.close()
+    async with engine.connect() as conn:
+        names = (await conn.scalars(sa.select(documents.c.document_name))).all()
+    assert names == ["first"]
+    assert await counts(engine) == (1, 1)
+
+
+async def test_request_cancelled_mid_transaction_is_written_whole(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    gate = Gate()
+    intake.hook_mid_transaction = gate
+    sub = submission(user)
+    request = asyncio.create_task(intake.submit(sub))
+    await gate.entered.wait()  # the document row is written, the outbox row not yet
+    request.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    gate.release.set()
+    await intake.close()
+    # Committed whole: a retry with the same Idempotency-Key finds it.
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(outbox_table.c.id)) == sub.event.id
+    assert await counts(engine) == (1, 1)
+
+
+async def test_a_failure_mid_transaction_leaves_no_half_rows(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    def crash() -> None:  # after the document rows, before the outbox rows
+        raise RuntimeError("the writer died here")
+
+    intake.hook_mid_transaction = crash
+    results = await asyncio.gather(
+        *(intake.submit(submission(user)) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, StorageUnavailable) for r in results)
+    assert await counts(engine) == (0, 0)
+
+
+async def test_failed_transaction_fails_every_submission_and_writes_nothing(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP TABLE outbox")
+    results = await asyncio.gather(
+        *(intake.submit(submission(user)) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, StorageUnavailable) for r in results)
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(documents)) == 0
+
+
+async def test_one_bad_row_fails_alone(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    gate = Gate()
+    intake.hook_mid_transaction = gate
+    blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
+    await gate.entered.wait()
+    intake.hook_mid_transaction = None
+    # Queued behind the blocker, these share one commit; one names a user
+    # that does not exist (a foreign key violation).
+    ghost = auth.User(id=999, username="ghost", is_admin=False)
+    subs = [submission(user, f"ok{i}") for i in range(10)]
+    subs.insert(4, submission(ghost, "bad"))
+    tasks = [asyncio.create_task(intake.submit(s)) for s in subs]
+    await asyncio.sleep(0)
+    gate.release.set()
+    await blocker
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[4], StorageUnavailable)
+    assert all(isinstance(r, Accepted) for i, r in enumerate(results) if i != 4)
+    assert await counts(engine) == (11, 11)
+
+
+async def test_writer_recovers_after_a_failed_batch(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    def fail_once() -> None:
+        intake.hook_mid_transaction = None
+        raise OSError("disk I/O error")
+
+    intake.hook_mid_transaction = fail_once
+    with pytest.raises(StorageUnavailable):
+        await intake.submit(submission(user))
+    assert isinstance(await intake.submit(submission(user)), Accepted)
+    assert await counts(engine) == (1, 1)
+
+
+async def test_full_queue_is_overloaded_at_once(
+    db: Database, engine: AsyncEngine, user: auth.User
+) -> None:
+    intake = DocumentIntake(db, queue_limit=3, batch_limit=1)
+    await intake.start()
+    gate = Gate()
+    intake.hook_mid_transaction = gate
+    in_transaction = asyncio.create_task(intake.submit(submission(user)))
+    await gate.entered.wait()
+    waiting = [asyncio.create_task(intake.submit(submission(user))) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert intake.queued == 3  # one in its transaction, two waiting: the limit
+    with pytest.raises(Overloaded):
+        await intake.submit(submission(user))
+    gate.release.set()
+    await asyncio.gather(in_transaction, *waiting)
+    await intake.close()
+    assert await counts(engine) == (3, 3)
+
+
+async def test_close_commits_what_is_queued_then_refuses(
+    db: Database, engine: AsyncEngine, user: auth.User
+) -> None:
+    intake = DocumentIntake(db)
+    await intake.start()
+    pending = [asyncio.create_task(intake.submit(submission(user))) for _ in range(10)]
+    await asyncio.sleep(0)
+    await intake.close()
+    assert all(isinstance(p.result(), Accepted) for p in pending)
+    with pytest.raises(IntakeClosed):
+        await intake.submit(submission(user))
+    assert await counts(engine) == (10, 10)
+
+
+async def test_overloaded_api_answers_503_with_retry_after(
+    aiohttp_client, settings: Settings, engine: AsyncEngine, user: auth.User
+) -> None:
+    app = create_app(settings.replace(write_queue_limit=1, write_batch_limit=1))
+    client: TestClient = await aiohttp_client(app)
+    await client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
+    gate = Gate()
+    app[INTAKE].hook_mid_transaction = gate
+    held = asyncio.create_task(client.post("/api", json={"documentName": "held"}))
+    await gate.entered.wait()
+    assert app[INTAKE].queued == 1  # "held", in its transaction: the limit is reached
+    response = await client.post("/api", json={"documentName": "refused"})
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    body = await response.json(content_type="application/problem+json")
+    assert body["code"] == "overloaded"
+    gate.release.set()
+    assert (await held).status == 200
+    assert await counts(engine) == (1, 1)
