@@ -9,16 +9,28 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import auth
+from . import auth, migrate
 from .config import Settings
 from .db import Database
 from .delivery.inngest import InngestClient
 from .delivery.notify import Listener
 from .delivery.worker import DeliveryWorker
 from .intake import DocumentIntake
-from .keys import DATABASE, INTAKE, PASSWORDS, S3_CHECKER, SESSIONS, SETTINGS, WAKE, WORKER
+from .keys import (
+    DATABASE,
+    INTAKE,
+    METRICS,
+    PASSWORDS,
+    S3_CHECKER,
+    SCHEMA_HEAD,
+    SESSIONS,
+    SETTINGS,
+    WAKE,
+    WORKER,
+)
+from .metrics import Metrics
 from .storage import S3CredentialChecker
-from .web import documents, health, sessions
+from .web import admin, documents, events, health, sessions
 from .web.middlewares import request_middleware
 
 
@@ -40,6 +52,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app[WAKE] = asyncio.Event()
     app[PASSWORDS] = auth.PasswordVerifier()
+    app[METRICS] = Metrics()
 
     # Cleanup runs in reverse order: the engine closes last.
     app.cleanup_ctx.append(_database)
@@ -53,7 +66,14 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/auth/login", sessions.login)
     app.router.add_post("/auth/logout", sessions.logout)
     app.router.add_get("/auth/me", sessions.me)
+    app.router.add_get("/metrics", health.metrics)
     app.router.add_post("/api", documents.post_document)
+    app.router.add_get("/api/events/{id}", events.get_event)
+    app.router.add_get("/admin", admin.page)
+    app.router.add_get("/admin/api/stats", admin.api_stats)
+    app.router.add_get("/admin/api/events", admin.api_list)
+    app.router.add_get("/admin/api/events/{id}", admin.api_event)
+    app.router.add_post("/admin/api/replay", admin.api_replay)
     return app
 
 
@@ -61,6 +81,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     db = Database(app[SETTINGS].database_url)
     await db.start()
     app[DATABASE] = db
+    app[SCHEMA_HEAD] = await asyncio.to_thread(migrate.head_revision) or ""
     # The hash an unknown user's password is checked against, made off the loop.
     await app[PASSWORDS].prepare()
     yield
@@ -103,7 +124,11 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with inngest_session(settings) as session:
         worker = DeliveryWorker(
-            app[DATABASE], inngest_client(settings, session), settings, wake=app[WAKE]
+            app[DATABASE],
+            inngest_client(settings, session),
+            settings,
+            wake=app[WAKE],
+            metrics=app[METRICS],
         )
         app[WORKER] = worker
         task = asyncio.create_task(worker.run(), name="delivery-worker")

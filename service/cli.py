@@ -1,4 +1,4 @@
-"""The `inngest-outbox` command: serve, migrate, users."""
+"""The `inngest-outbox` command: serve, worker, migrate, users, and the operators' commands."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from aiohttp import web
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from . import auth, devprofile, migrate
+from . import auth, cli_outbox, devprofile, migrate
 from .config import ConfigError, Profile, Settings
 from .db import Database, create_engine
-from .web.middlewares import RequestIdFilter
+from .logs import configure_logging
+from .operations import InvalidArgument
 
 log = logging.getLogger("service")
 
@@ -34,11 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(profile=Profile.DEV if getattr(args, "dev", False) else None)
     except ConfigError as exc:
         parser.exit(EXIT_USAGE, f"inngest-outbox: configuration error: {exc}\n")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return int(args.func(args, settings) or 0)
     except ConfigError as exc:
         parser.exit(EXIT_USAGE, f"inngest-outbox: configuration error: {exc}\n")
+    except InvalidArgument as exc:
+        parser.exit(EXIT_USAGE, f"inngest-outbox: {exc}\n")
     except DBAPIError as exc:
         # The driver's own words (parameters are hidden by the engine).
         message = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
@@ -98,18 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("username")
     add.add_argument("--admin", action="store_true", help="make the user an administrator")
     add.set_defaults(func=cmd_users_add)
+
+    cli_outbox.add_commands(commands)
     return parser
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 def _exit_quietly_on_sigterm() -> None:

@@ -73,6 +73,7 @@ class Settings:
     run_worker: bool = True
     access_log: bool = False
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per line
 
     @classmethod
     def from_env(
@@ -120,6 +121,7 @@ class Settings:
             retention_interval_seconds=_float(env, "RETENTION_INTERVAL_SECONDS", 300.0, 0.01),
             access_log=_bool(env, "ACCESS_LOG", False),
             log_level=_log_level(env.get("LOG_LEVEL") or "INFO"),
+            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
         )
 
     def check_production(self) -> None:
@@ -183,6 +185,13 @@ def _database_url(raw: str) -> str:
         raise ConfigError(
             f"DATABASE_URL must start with one of {expected}, not {backend}+{driver}://"
         )
+    return raw
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}.")
     return raw
 
 

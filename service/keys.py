@@ -11,6 +11,7 @@ from .config import Settings
 from .db import Database
 from .delivery.worker import DeliveryWorker
 from .intake import DocumentIntake
+from .metrics import Metrics
 from .storage import S3CredentialChecker
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -22,3 +23,6 @@ WAKE = web.AppKey("wake", asyncio.Event)
 WORKER = web.AppKey("worker", DeliveryWorker)
 PASSWORDS = web.AppKey("passwords", PasswordVerifier)
 SESSIONS = web.AppKey("sessions", CachedCookieStorage)
+METRICS = web.AppKey("metrics", Metrics)
+# The Alembic revision this code expects (read once at start-up, for /readyz).
+SCHEMA_HEAD = web.AppKey("schema_head", str)

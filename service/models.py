@@ -91,6 +91,8 @@ outbox = sa.Table(
     sa.Column("last_status_code", sa.Integer, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("delivered_at", UTCDateTime, nullable=True),
+    # The id the client was given, once a replay with --new-id changed ``id``.
+    sa.Column("origin_id", sa.String(36), nullable=True),
     sa.CheckConstraint(
         "status IN ('pending', 'sending', 'delivered', 'failed')", name="status_valid"
     ),
@@ -116,3 +118,41 @@ sa.Index(
     sqlite_where=outbox.c.status == "delivered",
     postgresql_where=outbox.c.status == "delivered",
 )
+sa.Index(
+    "ix_outbox_failed_created",
+    outbox.c.created_at,
+    sqlite_where=outbox.c.status == "failed",
+    postgresql_where=outbox.c.status == "failed",
+)
+sa.Index(
+    "ix_outbox_origin_id",
+    outbox.c.origin_id,
+    sqlite_where=outbox.c.origin_id.is_not(None),
+    postgresql_where=outbox.c.origin_id.is_not(None),
+)
+
+# What happened to an event that did not go through at once: each attempt's
+# outcome and each replay. Bounded per event (outbox.HISTORY_LIMIT).
+outbox_history = sa.Table(
+    "outbox_history",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "event_id",
+        sa.String(36),
+        sa.ForeignKey("outbox.id", ondelete="CASCADE", onupdate="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=True),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("actor", sa.String(255), nullable=False),  # a worker's id, or an operator
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.CheckConstraint(
+        "kind IN ('retry', 'failed', 'delivered', 'held', 'replayed')", name="kind_valid"
+    ),
+)
+sa.Index("ix_outbox_history_event_id_id", outbox_history.c.event_id, outbox_history.c.id)
+sa.Index("ix_outbox_history_kind_at", outbox_history.c.kind, outbox_history.c.at)

@@ -7,6 +7,7 @@ machine can be read in one place.
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,10 +20,22 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import Database, RawJSON, sqlite_time
-from .models import UTCDateTime, outbox
+from .delivery.notify import NOTIFY_SQL
+from .models import UTCDateTime, outbox, outbox_history
 
 # Version of the event's shape (the "v" field Inngest carries for us).
 EVENT_SCHEMA_VERSION = "1"
+# The newest history entries kept per event: a retry loop, or an event
+# replayed again and again, cannot grow the history without end.
+HISTORY_LIMIT = 25
+
+
+class HistoryKind(enum.StrEnum):
+    RETRY = "retry"  # a send failed; the row went back to pending for a later attempt
+    FAILED = "failed"  # the row went to failed (refused by Inngest, or out of attempts)
+    DELIVERED = "delivered"  # delivered after earlier outcomes (a first-try delivery writes none)
+    HELD = "held"  # Inngest refused the event key: the row went back untouched
+    REPLAYED = "replayed"  # an operator put the row back to pending
 
 
 class OutboxStatus(enum.StrEnum):
@@ -100,6 +113,9 @@ class ClaimedEvent:
     id: str
     payload: str  # the serialised event, sent as is
     attempts: int  # attempts before this one
+    # It has a story (an earlier failed attempt, a replay): its delivery goes
+    # into the history too.
+    seen: bool = False
 
     @property
     def size(self) -> int:
@@ -149,7 +165,12 @@ _LEASE = (
         lease_token=sa.bindparam("token"),
         lease_expires_at=sa.bindparam("expires_at"),
     )
-    .returning(outbox.c.id, sa.cast(outbox.c.payload, sa.Text), outbox.c.attempts)
+    .returning(
+        outbox.c.id,
+        sa.cast(outbox.c.payload, sa.Text),
+        outbox.c.attempts,
+        outbox.c.last_status_code.is_not(None),
+    )
 )
 _DELIVERED = (
     outbox.update()
@@ -221,38 +242,143 @@ async def claim_batch(
         rows = conn.execute(
             _LEASE, {"ids": ids, "owner": owner, "token": token, "expires_at": expires_at}
         )
-        by_id = {row[0]: ClaimedEvent(row[0], row[1], row[2]) for row in rows}
+        by_id = {row[0]: ClaimedEvent(row[0], row[1], row[2], bool(row[3])) for row in rows}
         # Oldest first, as claimed.
         return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
 
     return await db.write(claim)
 
 
+# A history entry for a row, written only while the caller's lease still holds it
+# (so a late answer records nothing, as it marks nothing).
+_HISTORY_IF_LEASED = outbox_history.insert().from_select(
+    ["event_id", "at", "kind", "attempt", "status_code", "error", "actor"],
+    sa.select(
+        outbox.c.id,
+        sa.cast(sa.bindparam("at", type_=UTCDateTime), UTCDateTime),
+        sa.cast(sa.bindparam("kind"), sa.String(16)),
+        sa.cast(sa.bindparam("attempt"), sa.Integer),
+        sa.cast(sa.bindparam("status_code"), sa.Integer),
+        sa.cast(sa.bindparam("error"), sa.Text),
+        sa.cast(sa.bindparam("actor"), sa.String(255)),
+    ).where(
+        outbox.c.id == sa.bindparam("event_id"),
+        outbox.c.lease_token == sa.bindparam("token"),
+        outbox.c.status == OutboxStatus.SENDING,
+    ),
+)
+_newer = outbox_history.alias("newer")
+_PRUNE_HISTORY = outbox_history.delete().where(
+    outbox_history.c.event_id.in_(sa.bindparam("ids", expanding=True)),
+    outbox_history.c.id
+    < (
+        sa.select(_newer.c.id)
+        .where(_newer.c.event_id == outbox_history.c.event_id)
+        .order_by(_newer.c.id.desc())
+        .limit(1)
+        .offset(HISTORY_LIMIT - 1)
+        .scalar_subquery()
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """What to write into the history for rows a mark moves (None: nothing)."""
+
+    kind: HistoryKind
+    actor: str  # the worker's id
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+
+
+def _record_history(
+    conn: Connection, token: str, attempts: dict[str, int | None], outcome: HistoryEntry
+) -> None:
+    """Call before the mark's own update, while the rows are still leased."""
+    if not attempts:
+        return
+    conn.execute(
+        _HISTORY_IF_LEASED,
+        [
+            {
+                "event_id": event_id,
+                "token": token,
+                "at": outcome.at,
+                "kind": outcome.kind.value,
+                "attempt": attempt,
+                "status_code": outcome.status_code,
+                "error": outcome.error,
+                "actor": outcome.actor,
+            }
+            for event_id, attempt in attempts.items()
+        ],
+    )
+    conn.execute(_PRUNE_HISTORY, {"ids": list(attempts)})
+
+
 async def _update_leased(
-    db: Database, statement: sa.Update, ids: Sequence[str], token: str, **params: Any
+    db: Database,
+    statement: sa.Update,
+    ids: Sequence[str],
+    token: str,
+    history: tuple[dict[str, int | None], HistoryEntry] | None = None,
+    **params: Any,
 ) -> int:
     """Run ``statement`` on the rows this lease still holds; how many it held."""
     if not ids:
         return 0
     values = {"ids": list(ids), "token": token, **params}
-    return await db.write(lambda conn: conn.execute(statement, values).rowcount)
+
+    def update(conn: Connection) -> int:
+        if history is not None:
+            _record_history(conn, token, *history)
+        return conn.execute(statement, values).rowcount
+
+    return await db.write(update)
 
 
-async def mark_delivered(db: Database, ids: Sequence[str], token: str, *, now: datetime) -> int:
-    """sending -> delivered. Returns how many rows this lease still held."""
-    return await _update_leased(db, _DELIVERED, ids, token, now=now)
+async def mark_delivered(
+    db: Database,
+    ids: Sequence[str],
+    token: str,
+    *,
+    now: datetime,
+    history: tuple[dict[str, int | None], HistoryEntry] | None = None,
+) -> int:
+    """sending -> delivered. Returns how many rows this lease still held.
+
+    ``history``: the rows (id -> attempt) whose delivery ends a story worth
+    keeping, and the outcome to record for them.
+    """
+    return await _update_leased(db, _DELIVERED, ids, token, history, now=now)
 
 
 async def mark_failed(
-    db: Database, ids: Sequence[str], token: str, *, error: str, status_code: int | None
+    db: Database,
+    ids: Sequence[str],
+    token: str,
+    *,
+    error: str,
+    status_code: int | None,
+    history: tuple[dict[str, int | None], HistoryEntry] | None = None,
 ) -> int:
     """sending -> failed: Inngest refused the event, or it is out of attempts."""
-    return await _update_leased(db, _FAILED, ids, token, error=error, status_code=status_code)
+    return await _update_leased(
+        db, _FAILED, ids, token, history, error=error, status_code=status_code
+    )
 
 
-async def release(db: Database, ids: Sequence[str], token: str) -> int:
+async def release(
+    db: Database,
+    ids: Sequence[str],
+    token: str,
+    *,
+    history: tuple[dict[str, int | None], HistoryEntry] | None = None,
+) -> int:
     """sending -> pending, attempts unchanged: not sent (shutdown, or a bad event key)."""
-    return await _update_leased(db, _RELEASED, ids, token)
+    return await _update_leased(db, _RELEASED, ids, token, history)
 
 
 async def schedule_retry(
@@ -264,14 +390,18 @@ async def schedule_retry(
     max_attempts: int,
     error: str,
     status_code: int | None,
+    actor: str | None = None,
+    now: datetime | None = None,
 ) -> tuple[int, int]:
     """sending -> pending at ``retry_at(attempt)``, or -> failed past ``max_attempts``.
 
+    Each attempt's outcome goes into the history when ``actor`` is given.
     Returns (rescheduled, failed) counts of rows this lease still held.
     """
     by_attempt: dict[int, list[str]] = {}
     for event in events:
         by_attempt.setdefault(event.attempts + 1, []).append(event.id)
+    at = now or datetime.now(UTC)
     updates = []
     for attempt, ids in by_attempt.items():
         params = {
@@ -281,14 +411,24 @@ async def schedule_retry(
             "error": error,
             "status_code": status_code,
         }
-        if attempt >= max_attempts:
-            updates.append((True, _EXHAUSTED, params))
+        exhausted = attempt >= max_attempts
+        kind = HistoryKind.FAILED if exhausted else HistoryKind.RETRY
+        history = (
+            ({i: attempt for i in ids}, HistoryEntry(kind, actor, at, status_code, error))
+            if actor is not None
+            else None
+        )
+        if exhausted:
+            updates.append((True, _EXHAUSTED, params, history))
         else:
-            updates.append((False, _RETRY, {**params, "available_at": retry_at(attempt)}))
+            params["available_at"] = retry_at(attempt)
+            updates.append((False, _RETRY, params, history))
 
     def apply(conn: Connection) -> tuple[int, int]:
         rescheduled = failed = 0
-        for exhausted, statement, params in updates:
+        for exhausted, statement, params, history in updates:
+            if history is not None:
+                _record_history(conn, token, *history)
             count = conn.execute(statement, params).rowcount
             if exhausted:
                 failed += count
@@ -317,6 +457,125 @@ async def purge_delivered(db: Database, *, before: datetime, batch: int) -> int:
         outbox.c.id.in_(oldest.scalar_subquery()), outbox.c.status == OutboxStatus.DELIVERED
     )
     return await db.write(lambda conn: conn.execute(statement).rowcount)
+
+
+async def purge_failed(db: Database, *, before: datetime, batch: int) -> int:
+    """Delete up to ``batch`` failed rows created before ``before``: only ever an
+    operator's explicit purge, never retention."""
+    oldest = (
+        sa.select(outbox.c.id)
+        .where(outbox.c.status == OutboxStatus.FAILED, outbox.c.created_at < before)
+        .order_by(outbox.c.created_at)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    statement = outbox.delete().where(
+        outbox.c.id.in_(oldest.scalar_subquery()), outbox.c.status == OutboxStatus.FAILED
+    )
+    return await db.write(lambda conn: conn.execute(statement).rowcount)
+
+
+# Replay: failed and delivered rows go back to pending, attempts reset. The
+# last error stays (it is still the event's last error), and so does the
+# status code, which makes the worker write the re-delivery into the history.
+REPLAYABLE = (OutboxStatus.FAILED, OutboxStatus.DELIVERED)
+_REPLAY_VALUES = {
+    "status": OutboxStatus.PENDING,
+    "attempts": 0,
+    "available_at": sa.bindparam("now", type_=UTCDateTime),
+    "delivered_at": None,
+    **_CLEAR_LEASE,
+}
+_REPLAY = (
+    outbox.update()
+    .where(outbox.c.id == sa.bindparam("old_id"), outbox.c.status.in_(REPLAYABLE))
+    .values(**_REPLAY_VALUES)
+)
+_REPLAY_NEW_ID = (
+    outbox.update()
+    .where(outbox.c.id == sa.bindparam("old_id"), outbox.c.status.in_(REPLAYABLE))
+    .values(
+        id=sa.bindparam("new_id"),
+        payload=sa.bindparam("payload", type_=outbox.c.payload.type),
+        origin_id=sa.func.coalesce(outbox.c.origin_id, outbox.c.id),
+        **_REPLAY_VALUES,
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    id: str  # the row's id before the replay
+    new_id: str | None  # its new id, with --new-id
+    was: OutboxStatus
+
+
+def replay(
+    conn: Connection,
+    ids: Sequence[str],
+    *,
+    actor: str,
+    now: datetime,
+    new_id: Callable[[], str] | None = None,
+) -> tuple[list[Replayed], dict[str, str]]:
+    """failed|delivered -> pending, in the caller's transaction.
+
+    Returns what moved and, for the rest, why not (id -> reason). With
+    ``new_id``, each row gets a fresh event id (the payload's too), and keeps
+    the id its client was given in ``origin_id`` and the old one in history.
+    """
+    found = {
+        row.id: row
+        for row in conn.execute(
+            sa.select(outbox.c.id, outbox.c.status, sa.cast(outbox.c.payload, sa.Text))
+            .where(outbox.c.id.in_(ids))
+            .with_for_update()
+        )
+    }
+    moved: list[Replayed] = []
+    skipped: dict[str, str] = {}
+    for event_id in ids:
+        row = found.get(event_id)
+        if row is None:
+            skipped[event_id] = "not found"
+            continue
+        if row.status not in REPLAYABLE:
+            skipped[event_id] = f"{row.status}: already on its way"
+            continue
+        params: dict[str, Any] = {"old_id": event_id, "now": now}
+        statement = _REPLAY
+        fresh = None
+        if new_id is not None:
+            fresh = new_id()
+            event = json.loads(row[2])
+            event["id"] = fresh
+            params |= {"new_id": fresh, "payload": RawJSON(_dumps_event(event))}
+            statement = _REPLAY_NEW_ID
+        if conn.execute(statement, params).rowcount:
+            moved.append(Replayed(event_id, fresh, OutboxStatus(row.status)))
+    if moved:
+        conn.execute(
+            outbox_history.insert(),
+            [
+                {
+                    "event_id": r.new_id or r.id,
+                    "at": now,
+                    "kind": HistoryKind.REPLAYED.value,
+                    "actor": actor,
+                    "detail": f"was {r.was}"
+                    + (f"; new id {r.new_id}, old id {r.id}" if r.new_id else ""),
+                }
+                for r in moved
+            ],
+        )
+        conn.execute(_PRUNE_HISTORY, {"ids": [r.new_id or r.id for r in moved]})
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(NOTIFY_SQL)  # delivered at commit: other hosts' workers wake
+    return moved, skipped
+
+
+def _dumps_event(event: dict[str, Any]) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 async def next_due_at(engine: AsyncEngine) -> datetime | None:

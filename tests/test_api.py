@@ -380,6 +380,7 @@ async def test_database_unavailable_is_503_and_writes_nothing(
     logged_in: TestClient, engine: AsyncEngine
 ) -> None:
     async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP TABLE outbox_history")
         await conn.exec_driver_sql("DROP TABLE outbox")
     response = await logged_in.post("/api", json={"documentName": "a"})
     body = await problem(response, 503, "database_unavailable")

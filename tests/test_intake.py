@@ -169,6 +169,7 @@ async def test_failed_transaction_fails_every_submission_and_writes_nothing(
     intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP TABLE outbox_history")
         await conn.exec_driver_sql("DROP TABLE outbox")
     results = await asyncio.gather(
         *(intake.submit(submission(user)) for _ in range(5)), return_exceptions=True

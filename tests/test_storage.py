@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from aiohttp.test_utils import TestClient
 
+from service import migrate
 from service.app import create_app
 from service.config import Settings
 from service.storage import S3CredentialChecker, S3State
@@ -89,7 +90,7 @@ async def test_readyz_reports_the_verdict(aiohttp_client, settings: Settings, en
     assert response.status == 200
     body = await response.json()
     assert body["status"] == "ok"
-    assert body["checks"]["database"] == {"state": "ok"}
+    assert body["checks"]["database"] == {"state": "ok", "revision": migrate.head_revision()}
     assert body["checks"]["s3"]["state"] == "ok"
 
 

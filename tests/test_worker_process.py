@@ -52,7 +52,11 @@ async def test_api_only_process_leaves_delivery_to_worker_processes(
         ids = await post_documents(api.url, 5)
         async with aiohttp.ClientSession() as http:
             ready = await (await http.get(f"{api.url}/readyz")).json()
-        assert "worker" not in ready["checks"]
+        assert ready["checks"]["worker"] == {
+            "state": "elsewhere",
+            "detail": "serve --no-worker: worker processes deliver",
+        }
+        assert ready["status"] == "ok"
         assert set((await rows(env)).values()) == {"pending"}
 
         burst = await asyncio.to_thread(run_cli, "worker", "--burst", env=env, cwd=tmp_path)

@@ -15,6 +15,7 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from .. import outbox
 from ..config import Settings
 from ..db import Database
+from ..metrics import Metrics
 from ..outbox import ClaimedEvent
 from . import backoff
 from .inngest import Accepted, InngestClient, KeyRejected, Outcome, Rejected, TooLarge, Transient
@@ -78,6 +80,7 @@ class DeliveryWorker:
         clock: Clock = utc_now,
         rng: random.Random | None = None,
         owner: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._client = client
@@ -86,6 +89,7 @@ class DeliveryWorker:
         self._clock = clock
         self._rng = rng or random.Random()
         self.owner = owner or worker_id()
+        self._metrics = metrics
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._capacity = asyncio.Semaphore(settings.worker_max_in_flight)
@@ -291,16 +295,31 @@ class DeliveryWorker:
                     self._wake.set()
                 await self._notify()
 
-    async def _release(self, lease: _Lease) -> None:
+    async def _release(self, lease: _Lease, held: tuple[int, str] | None = None) -> None:
+        """Give back what was claimed and not sent; ``held``: (status, error) of a
+        send refused for the key, recorded in the history."""
         lease.returned = True
         ids = list(lease.unsent)
         lease.unsent.clear()
-        released = await outbox.release(self._db, ids, lease.token)
+        history = None
+        if held is not None:
+            status, error = held
+            history = (
+                dict.fromkeys(ids),
+                self._entry(outbox.HistoryKind.HELD, status, error),
+            )
+        released = await outbox.release(self._db, ids, lease.token, history=history)
         self.stats.released += released
 
     async def _send(self, lease: _Lease, events: Sequence[ClaimedEvent]) -> None:
         self.stats.requests += 1
+        started = time.perf_counter()
         outcome = await self._client.send([e.payload for e in events])
+        if self._metrics is not None:
+            self._metrics.batch_events.observe(len(events))
+            self._metrics.send_seconds.labels(type(outcome).__name__.lower()).observe(
+                time.perf_counter() - started
+            )
         # The send is done: what follows must be recorded even if we are
         # cancelled now, or a delivered row would be sent again for nothing.
         # A task of its own, so that stop() waits for it too.
@@ -326,7 +345,7 @@ class DeliveryWorker:
                 # Not the events' fault: give them back untouched.
                 for event in events:
                     lease.unsent.setdefault(event.id, event)
-                await self._release(lease)
+                await self._release(lease, held=(status, error))
             case Transient(status=status, error=error, retry_after=retry_after):
                 await self._retry(lease, events, error, status, retry_after)
 
@@ -338,10 +357,20 @@ class DeliveryWorker:
             return
         if len(events) == 1:
             self._forget(lease, events)
+            event = events[0]
             failed = await outbox.mark_failed(
-                self._db, [events[0].id], lease.token, error=error, status_code=status
+                self._db,
+                [event.id],
+                lease.token,
+                error=error,
+                status_code=status,
+                history=(
+                    {event.id: event.attempts + 1},
+                    self._entry(outbox.HistoryKind.FAILED, status, error),
+                ),
             )
             self.stats.failed += failed
+            self._count("failures", failed)
             self._count_lost(1 - failed)
             if failed:
                 log.warning("event %s refused by Inngest: %s", events[0].id, error)
@@ -354,10 +383,16 @@ class DeliveryWorker:
         if not events:
             return
         self._forget(lease, events)
+        seen = {e.id: e.attempts + 1 for e in events if e.seen}
         marked = await outbox.mark_delivered(
-            self._db, [e.id for e in events], lease.token, now=self._clock()
+            self._db,
+            [e.id for e in events],
+            lease.token,
+            now=self._clock(),
+            history=(seen, self._entry(outbox.HistoryKind.DELIVERED, 200, None)) if seen else None,
         )
         self.stats.delivered += marked
+        self._count("deliveries", marked)
         self._count_lost(len(events) - marked)
 
     async def _retry(
@@ -389,9 +424,13 @@ class DeliveryWorker:
             max_attempts=self._settings.retry_max_attempts,
             error=error,
             status_code=status,
+            actor=self.owner,
+            now=now,
         )
         self.stats.retried += rescheduled
         self.stats.failed += failed
+        self._count("retries", rescheduled)
+        self._count("failures", failed)
         self._count_lost(len(events) - rescheduled - failed)
         log.warning(
             "send of %d events failed (%s); %d rescheduled, %d out of attempts",
@@ -406,9 +445,18 @@ class DeliveryWorker:
 
     # -- bookkeeping ------------------------------------------------------------
 
+    def _entry(
+        self, kind: outbox.HistoryKind, status: int | None, error: str | None
+    ) -> outbox.HistoryEntry:
+        return outbox.HistoryEntry(kind, self.owner, self._clock(), status, error)
+
     def _forget(self, lease: _Lease, events: Sequence[ClaimedEvent]) -> None:
         for event in events:
             lease.unsent.pop(event.id, None)
+
+    def _count(self, counter: str, amount: int) -> None:
+        if self._metrics is not None and amount:
+            getattr(self._metrics, counter).inc(amount)
 
     def _count_lost(self, lost: int) -> None:
         if lost > 0:

@@ -1,11 +1,16 @@
-"""GET /healthz (the process serves) and GET /readyz (it can accept work)."""
+"""GET /healthz (the process serves), GET /readyz (it can do its work), GET /metrics."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from aiohttp import web
 
-from ..keys import DATABASE, S3_CHECKER, WORKER
+from .. import operations
+from ..keys import DATABASE, METRICS, S3_CHECKER, SCHEMA_HEAD, WORKER
+
+Check = dict[str, object]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -13,24 +18,52 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks: dict[str, object] = {}
-    try:
-        async with request.app[DATABASE].engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
-        if request.app[DATABASE].writer_healthy:
-            checks["database"] = {"state": "ok"}
-        else:
-            checks["database"] = {"state": "unavailable", "detail": "the writer thread stopped"}
-    except Exception as exc:  # what failed matters here, not the traceback
-        checks["database"] = {"state": "unavailable", "detail": type(exc).__name__}
-    checks["s3"] = request.app[S3_CHECKER].verdict.as_json()
-    if (worker := request.app.get(WORKER)) is not None:
-        health = worker.health
-        checks["worker"] = {
-            "state": "ok" if health.running and health.can_send else "unavailable",
-            "detail": health.detail if health.running else "not running",
-        }
-    ready = all(check["state"] == "ok" for check in checks.values())  # type: ignore[index]
+    checks: dict[str, Check] = {
+        "database": await _database(request),
+        "s3": request.app[S3_CHECKER].verdict.as_json(),
+        "worker": _worker(request),
+    }
+    ready = all(check["state"] in ("ok", "elsewhere") for check in checks.values())
     return web.json_response(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
+    )
+
+
+async def _database(request: web.Request) -> Check:
+    db = request.app[DATABASE]
+    head = request.app[SCHEMA_HEAD]
+    try:
+        async with db.engine.connect() as conn:
+            current = await conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+    except Exception as exc:  # what failed matters here, not the traceback
+        return {"state": "unavailable", "detail": type(exc).__name__}
+    if not db.writer_healthy:
+        return {"state": "unavailable", "detail": "the writer thread stopped"}
+    if current != head:
+        return {
+            "state": "unavailable",
+            "detail": f"schema at revision {current}, this code needs {head}: run migrate",
+        }
+    return {"state": "ok", "revision": current}
+
+
+def _worker(request: web.Request) -> Check:
+    worker = request.app.get(WORKER)
+    if worker is None:
+        return {"state": "elsewhere", "detail": "serve --no-worker: worker processes deliver"}
+    health = worker.health
+    if not health.running:
+        return {"state": "unavailable", "detail": "not running"}
+    return {"state": "ok" if health.can_send else "unavailable", "detail": health.detail}
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format. The outbox gauges are read from the database now."""
+    registry = request.app[METRICS]
+    stats = await operations.stats(request.app[DATABASE], now=datetime.now(UTC))
+    for status, count in stats.counts.items():
+        registry.rows.labels(status).set(count)
+    registry.oldest_pending_age.set(stats.oldest_pending_age_seconds or 0)
+    return web.Response(
+        body=registry.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

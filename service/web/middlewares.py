@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..ids import new_request_id
+from ..keys import METRICS
 from .problems import Problem, from_http_exception
 
 log = logging.getLogger(__name__)
@@ -28,10 +30,12 @@ class RequestIdFilter(logging.Filter):
 
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A request id on the response and on every log line; errors as problem+json.
+    """A request id on the response and on every log line; errors as problem+json;
+    the request in the metrics.
 
-    One middleware, not two: each layer costs every request a coroutine.
+    One middleware, not three: each layer costs every request a coroutine.
     """
+    started = time.perf_counter()
     incoming = request.headers.get("X-Request-Id", "")
     request_id = incoming if _INCOMING_ID.fullmatch(incoming) else new_request_id()
     token = request_id_var.set(request_id)
@@ -43,6 +47,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         except web.HTTPException as exc:
             if exc.status < 400:
                 exc.headers["X-Request-Id"] = request_id
+                _observe(request, exc.status, started)
                 raise
             response = from_http_exception(exc).response(request.path)
         except Exception:
@@ -55,6 +60,17 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 f"Quote request id {request_id} when reporting this.",
             ).response(request.path)
         response.headers["X-Request-Id"] = request_id
+        _observe(request, response.status, started)
         return response
     finally:
         request_id_var.reset(token)
+
+
+def _observe(request: web.Request, status: int, started: float) -> None:
+    resource = request.match_info.route.resource
+    request.app[METRICS].observe_request(
+        resource.canonical if resource is not None else "unmatched",
+        request.method,
+        status,
+        time.perf_counter() - started,
+    )
