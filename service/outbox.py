@@ -169,7 +169,9 @@ _LEASE = (
         outbox.c.id,
         sa.cast(outbox.c.payload, sa.Text),
         outbox.c.attempts,
-        outbox.c.last_status_code.is_not(None),
+        # The column, not "IS NOT NULL": SQLite (3.40 here) answers 1 for that
+        # expression in a RETURNING clause even where the column is NULL.
+        outbox.c.last_status_code,
     )
 )
 _DELIVERED = (
@@ -242,7 +244,7 @@ async def claim_batch(
         rows = conn.execute(
             _LEASE, {"ids": ids, "owner": owner, "token": token, "expires_at": expires_at}
         )
-        by_id = {row[0]: ClaimedEvent(row[0], row[1], row[2], bool(row[3])) for row in rows}
+        by_id = {row[0]: ClaimedEvent(row[0], row[1], row[2], row[3] is not None) for row in rows}
         # Oldest first, as claimed.
         return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
 
@@ -250,23 +252,33 @@ async def claim_batch(
 
 
 # A history entry for a row, written only while the caller's lease still holds it
-# (so a late answer records nothing, as it marks nothing).
-_HISTORY_IF_LEASED = outbox_history.insert().from_select(
-    ["event_id", "at", "kind", "attempt", "status_code", "error", "actor"],
-    sa.select(
-        outbox.c.id,
-        sa.cast(sa.bindparam("at", type_=UTCDateTime), UTCDateTime),
-        sa.cast(sa.bindparam("kind"), sa.String(16)),
-        sa.cast(sa.bindparam("attempt"), sa.Integer),
-        sa.cast(sa.bindparam("status_code"), sa.Integer),
-        sa.cast(sa.bindparam("error"), sa.Text),
-        sa.cast(sa.bindparam("actor"), sa.String(255)),
-    ).where(
-        outbox.c.id == sa.bindparam("event_id"),
-        outbox.c.lease_token == sa.bindparam("token"),
-        outbox.c.status == OutboxStatus.SENDING,
-    ),
-)
+# (so a late answer records nothing, as it marks nothing). PostgreSQL needs the
+# parameters' types spelled out in a SELECT list; SQLite must not get a CAST,
+# which would turn its timestamp text into a number.
+def _history_if_leased(dialect: str) -> sa.Insert:
+    def typed(name: str, type_: Any) -> sa.ColumnElement[Any]:
+        param = sa.bindparam(name, type_=type_)
+        return sa.cast(param, type_) if dialect == "postgresql" else param
+
+    return outbox_history.insert().from_select(
+        ["event_id", "at", "kind", "attempt", "status_code", "error", "actor"],
+        sa.select(
+            outbox.c.id,
+            typed("at", UTCDateTime()),
+            typed("kind", sa.String(16)),
+            typed("attempt", sa.Integer()),
+            typed("status_code", sa.Integer()),
+            typed("error", sa.Text()),
+            typed("actor", sa.String(255)),
+        ).where(
+            outbox.c.id == sa.bindparam("event_id"),
+            outbox.c.lease_token == sa.bindparam("token"),
+            outbox.c.status == OutboxStatus.SENDING,
+        ),
+    )
+
+
+_HISTORY_IF_LEASED = {d: _history_if_leased(d) for d in ("sqlite", "postgresql")}
 _newer = outbox_history.alias("newer")
 _PRUNE_HISTORY = outbox_history.delete().where(
     outbox_history.c.event_id.in_(sa.bindparam("ids", expanding=True)),
@@ -300,7 +312,7 @@ def _record_history(
     if not attempts:
         return
     conn.execute(
-        _HISTORY_IF_LEASED,
+        _HISTORY_IF_LEASED[conn.dialect.name],
         [
             {
                 "event_id": event_id,

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
@@ -174,3 +175,25 @@ async def logged_in(client: TestClient, user: auth.User) -> TestClient:
     response = await client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
     assert response.status == 200, await response.text()
     return client
+
+
+@pytest.fixture
+def delivery_settings(settings: Settings, inngest: StandIn) -> Settings:
+    return settings.replace(
+        inngest_base_url=inngest.base_url,  # type: ignore[attr-defined]
+        inngest_event_key=inngest.event_key,
+        # Retries land seconds ahead, so one drain does not retry at once;
+        # tests move the clock (``later``) to make them due.
+        retry_base_seconds=10,
+        retry_cap_seconds=10,
+        retry_max_attempts=5,
+        inngest_timeout_seconds=2.0,
+        worker_poll_seconds=30.0,
+        worker_lease_seconds=30.0,
+    )
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -6,13 +6,11 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,28 +23,6 @@ from service.ids import new_event_id
 from service.models import outbox as outbox_table
 from tests.fakes.inngest import Fault, StandIn
 from tests.support.net import free_port
-
-
-@pytest.fixture
-def delivery_settings(settings: Settings, inngest: StandIn) -> Settings:
-    return settings.replace(
-        inngest_base_url=inngest.base_url,  # type: ignore[attr-defined]
-        inngest_event_key=inngest.event_key,
-        # Retries land seconds ahead, so one drain does not retry at once;
-        # tests move the clock (``later``) to make them due.
-        retry_base_seconds=10,
-        retry_cap_seconds=10,
-        retry_max_attempts=5,
-        inngest_timeout_seconds=2.0,
-        worker_poll_seconds=30.0,
-        worker_lease_seconds=30.0,
-    )
-
-
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def make_worker(
