@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -126,3 +127,13 @@ async def query(env: dict[str, str], sql: str) -> list[tuple[object, ...]]:
             return [tuple(row) for row in await conn.execute(sa.text(sql))]
     finally:
         await engine.dispose()
+
+
+async def poll_until(
+    check: Callable[[], Awaitable[bool]], *, wait_seconds: float = 30, interval: float = 0.05
+) -> None:
+    """For state another process writes to the database: no event crosses the
+    process boundary, so read until it shows (or the timeout fails the test)."""
+    async with asyncio.timeout(wait_seconds):
+        while not await check():  # noqa: ASYNC110
+            await asyncio.sleep(interval)
