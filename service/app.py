@@ -77,6 +77,21 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def create_worker_status_app(
+    db: Database, worker: DeliveryWorker, metrics: Metrics, schema_head: str
+) -> web.Application:
+    """/healthz, /readyz and /metrics of a worker-only process (`worker --metrics-port`)."""
+    app = web.Application(middlewares=[request_middleware])
+    app[DATABASE] = db
+    app[WORKER] = worker
+    app[METRICS] = metrics
+    app[SCHEMA_HEAD] = schema_head
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+    return app
+
+
 async def _database(app: web.Application) -> AsyncIterator[None]:
     db = Database(app[SETTINGS].database_url)
     await db.start()

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="deliver what is due now, then exit (exit status 1 if anything is still pending)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz on this port (on $HOST, default 127.0.0.1)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     mig = commands.add_parser("migrate", help="apply the database migrations")
@@ -186,12 +192,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = devprofile.dev_worker_settings(settings)
     settings.check_worker()
     require_schema_at_head(settings.database_url)
-    return asyncio.run(_work(settings, burst=args.burst))
+    return asyncio.run(_work(settings, burst=args.burst, metrics_port=args.metrics_port))
 
 
-async def _work(settings: Settings, *, burst: bool) -> int:
-    from .app import inngest_client, inngest_session, listen_for_commits
+async def _work(settings: Settings, *, burst: bool, metrics_port: int | None = None) -> int:
+    from .app import create_worker_status_app, inngest_client, inngest_session, listen_for_commits
     from .delivery.worker import DeliveryWorker
+    from .metrics import Metrics
 
     received = _catch_signals()
     db = Database(settings.database_url)
@@ -199,7 +206,10 @@ async def _work(settings: Settings, *, burst: bool) -> int:
     try:
         async with inngest_session(settings) as session:
             wake = asyncio.Event()
-            worker = DeliveryWorker(db, inngest_client(settings, session), settings, wake=wake)
+            metrics = Metrics()
+            worker = DeliveryWorker(
+                db, inngest_client(settings, session), settings, wake=wake, metrics=metrics
+            )
             if burst:
                 drain = asyncio.create_task(worker.drain_once())
                 if await _first_of(received, drain) is not None:
@@ -215,6 +225,15 @@ async def _work(settings: Settings, *, burst: bool) -> int:
                     f"failed {stats.failed}"
                 )
                 return 1 if stats.retried or stats.released else 0
+            status = None
+            if metrics_port is not None:
+                head = await asyncio.to_thread(migrate.head_revision) or ""
+                status = web.AppRunner(
+                    create_worker_status_app(db, worker, metrics, head), access_log=None
+                )
+                await status.setup()
+                await web.TCPSite(status, settings.host, metrics_port).start()
+                log.info("serving /metrics on http://%s:%d", settings.host, metrics_port)
             tune_garbage_collector()
             log.info("worker %s delivering to %s", worker.owner, settings.inngest_base_url)
             task = asyncio.create_task(worker.run())
@@ -229,6 +248,8 @@ async def _work(settings: Settings, *, burst: bool) -> int:
                     background.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await background
+            if status is not None:
+                await status.cleanup()
     finally:
         await db.close()
     return 0

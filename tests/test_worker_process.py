@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import aiohttp
 import pytest
 
 from tests.fakes.inngest import Fault, StandIn
-from tests.support.service import ServiceProcess, http_session, log_in, query, run_cli
+from tests.support.net import free_port
+from tests.support.service import ServiceProcess, http_session, log_in, poll_until, query, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +188,35 @@ async def test_two_worker_processes_share_the_outbox_without_sending_a_row_twice
     assert sorted(inngest.accepted_ids) == sorted(ids)
     assert max(inngest.accepted_counts().values()) == 1  # leases held: no row sent twice
     assert set((await rows(env)).values()) == {"delivered"}
+
+
+async def test_a_worker_process_serves_its_metrics_and_readiness(
+    tmp_path: Path, env: dict[str, str], inngest: StandIn
+) -> None:
+    port = free_port()
+    worker = ServiceProcess(["worker", "--metrics-port", str(port)], env=env, cwd=tmp_path)
+    await worker.logged("serving /metrics")
+    api = await ServiceProcess(["serve", "--no-worker"], env=env, cwd=tmp_path).started()
+    try:
+        ids = await post_documents(api.url, 3)
+        async with asyncio.timeout(20):
+            await inngest.wait_until(lambda s: set(ids) <= set(s.accepted_ids))
+        async with aiohttp.ClientSession() as http:
+            ready = await http.get(f"http://127.0.0.1:{port}/readyz")
+            assert ready.status == 200
+            checks = (await ready.json())["checks"]
+            assert set(checks) == {"database", "worker"}  # a worker checks no S3
+            assert checks["worker"]["state"] == "ok"
+
+            async def delivered_three() -> bool:
+                # Counted when marked, a moment after Inngest answered.
+                text = await (await http.get(f"http://127.0.0.1:{port}/metrics")).text()
+                return "\ninngest_outbox_deliveries_total 3.0\n" in text
+
+            await poll_until(delivered_three, wait_seconds=10)
+            text = await (await http.get(f"http://127.0.0.1:{port}/metrics")).text()
+        assert re.search(r"^inngest_outbox_send_batch_events_sum 3\.0$", text, re.MULTILINE)
+        assert 'inngest_outbox_rows{status="pending"} 0.0' in text
+    finally:
+        api.stop()
+        assert worker.stop() == 0, worker.log()

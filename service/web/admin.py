@@ -237,11 +237,10 @@ def _failed_row(event: operations.EventSummary) -> str:
         f'<tr data-id="{event_id}">'
         f'<td><input type="checkbox" class="pick" value="{event_id}" '
         f'aria-label="select {event_id}"></td>'
-        f"<td><code>{event_id}</code></td>"
+        f'<td><a href="/admin/api/events/{event_id}"><code>{event_id}</code></a></td>'
         f"<td>{html.escape(event.name)}</td>"
         f"<td>{event.attempts}</td>"
-        f"<td>{html.escape(str(event.last_status_code or ''))} "
-        f"{html.escape(event.last_error or '')}</td>"
+        f"<td>{html.escape(event.last_error or '')}</td>"
         f'<td><button class="replay-one" data-id="{event_id}">Replay</button></td>'
         "</tr>"
     )
@@ -296,6 +295,7 @@ th, td { border-bottom: 1px solid #ddd; padding: .3em .6em; text-align: left; ve
 #stats th { font-weight: normal; color: #555; }
 svg text { font-size: 11px; }
 #message { min-height: 1.4em; font-weight: bold; }
+code { white-space: nowrap; }
 </style></head>
 <body>{body}
 <script nonce="{nonce}">

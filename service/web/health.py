@@ -18,11 +18,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks: dict[str, Check] = {
-        "database": await _database(request),
-        "s3": request.app[S3_CHECKER].verdict.as_json(),
-        "worker": _worker(request),
-    }
+    checks: dict[str, Check] = {"database": await _database(request)}
+    if (s3 := request.app.get(S3_CHECKER)) is not None:  # a worker-only process has none
+        checks["s3"] = s3.verdict.as_json()
+    checks["worker"] = _worker(request)
     ready = all(check["state"] in ("ok", "elsewhere") for check in checks.values())
     return web.json_response(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
