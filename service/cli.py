@@ -22,6 +22,7 @@ from .config import ConfigError, Profile, Settings
 from .db import Database, create_engine
 from .logs import configure_logging
 from .operations import InvalidArgument
+from .web.middlewares import RequestIdAccessLogger
 
 log = logging.getLogger("service")
 
@@ -147,6 +148,7 @@ async def _serve(settings: Settings) -> int:
         handle_signals=False,
         shutdown_timeout=10,
         access_log=web_log_access_logger() if settings.access_log else None,
+        access_log_class=RequestIdAccessLogger,
     )
     await runner.setup()
     try:

@@ -123,6 +123,10 @@ Command = Callable[[argparse.Namespace, Database], Awaitable[int]]
 
 def _sync(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
+        from .cli import require_schema_at_head  # the CLI's own check, shared
+
+        require_schema_at_head(settings.database_url)
+
         async def with_database() -> int:
             async with Database(settings.database_url) as db:
                 return await command(args, db)

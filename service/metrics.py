@@ -13,6 +13,8 @@ PREFIX = "inngest_outbox"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # A client chooses the method: anything else is "other", so labels stay few.
+# The outbox gauges cost queries: read at most this often.
+OUTBOX_REFRESH_SECONDS = 5.0
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -34,7 +36,10 @@ class Metrics:
             registry=r,
         )
         self.rows = Gauge(
-            f"{PREFIX}_rows", "Outbox rows by status (read at scrape time)", ["status"], registry=r
+            f"{PREFIX}_rows",
+            "Outbox rows by status: pending, sending, failed (delivered rows: deliveries_total)",
+            ["status"],
+            registry=r,
         )
         self.oldest_pending_age = Gauge(
             f"{PREFIX}_oldest_pending_age_seconds",
@@ -66,6 +71,14 @@ class Metrics:
         # Label children, looked up once: labels() costs a lock and a tuple
         # per call, and the request counter is on every request's path.
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
+        self._outbox_read_at: float | None = None
+
+    def outbox_due(self, now: float) -> bool:
+        """Whether the outbox gauges are stale (and, if so, now taken as refreshed)."""
+        if self._outbox_read_at is not None and now - self._outbox_read_at < OUTBOX_REFRESH_SECONDS:
+            return False
+        self._outbox_read_at = now
+        return True
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method if method in METHODS else "other", str(status))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -59,9 +60,19 @@ async def _migrate(engine: AsyncEngine, action: str, revision: str) -> None:
 
 async def current_revision(engine: AsyncEngine) -> str | None:
     async with engine.connect() as conn:
-        return await conn.run_sync(
-            lambda sync_conn: MigrationContext.configure(sync_conn).get_current_revision()
-        )
+        return await conn.run_sync(_read_revision)
+
+
+def _read_revision(connection: Connection) -> str | None:
+    # Alembic announces its context at INFO on every configure: noise for a
+    # read that every operator command makes first.
+    migration_log = logging.getLogger("alembic.runtime.migration")
+    level = migration_log.level
+    migration_log.setLevel(logging.WARNING)
+    try:
+        return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        migration_log.setLevel(level)
 
 
 def _run(connection: Connection, action: str, revision: str) -> None:

@@ -53,15 +53,24 @@ def parse_duration(text: str) -> timedelta:
         raise InvalidArgument(
             f"{text!r} is not a duration: use a number and a unit, like 90s, 15m, 12h, 7d or 2w"
         )
-    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    try:
+        return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    except OverflowError:
+        raise InvalidArgument(f"{text!r} is too long a duration") from None
 
 
 def parse_time(text: str, *, now: datetime) -> datetime:
     """An ISO 8601 time (UTC unless it says otherwise), or a duration meaning that long ago."""
     try:
-        return now - parse_duration(text)
-    except InvalidArgument:
-        pass
+        age = parse_duration(text)
+    except InvalidArgument as exc:
+        if "too long" in str(exc):
+            raise
+    else:
+        try:
+            return now - age
+        except OverflowError:
+            raise InvalidArgument(f"{text!r} is too long ago") from None
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -97,19 +106,30 @@ class Stats:
         return {**asdict(self), "at": self.at.isoformat()}
 
 
-async def stats(db: Database, *, now: datetime) -> Stats:
+async def stats(db: Database, *, now: datetime, count_delivered: bool = True) -> Stats:
+    """Each figure is a query on one state's partial index, so each costs what that
+    state holds: the backlog and the failed rows are small. Counting the delivered
+    rows reads their whole index (the retained history); /metrics skips it
+    (``count_delivered=False``, reported as -1)."""
+    waiting = (OutboxStatus.PENDING, OutboxStatus.SENDING)
     async with db.engine.connect() as conn:
         counts = {}
         for status in OutboxStatus:
-            # One count per status: each is answered from that state's partial index.
+            if status is OutboxStatus.DELIVERED and not count_delivered:
+                counts[status.value] = -1
+                continue
             counts[status.value] = await conn.scalar(
                 sa.select(sa.func.count()).where(outbox_table.c.status == status)
             )
-        oldest = await conn.scalar(
-            sa.select(sa.func.min(outbox_table.c.created_at)).where(
-                outbox_table.c.status.in_((OutboxStatus.PENDING, OutboxStatus.SENDING))
+        oldest_per_state = [
+            await conn.scalar(
+                sa.select(sa.func.min(outbox_table.c.created_at)).where(
+                    outbox_table.c.status == status
+                )
             )
-        )
+            for status in waiting
+        ]
+        oldest = min((t for t in oldest_per_state if t is not None), default=None, key=_utc)
         failures = await conn.scalar(
             sa.select(sa.func.count()).where(
                 outbox_history.c.kind == outbox.HistoryKind.FAILED,
@@ -272,6 +292,22 @@ _SUMMARY_COLUMNS = (
 )
 
 
+_SMALL_STATES = (OutboxStatus.PENDING, OutboxStatus.SENDING, OutboxStatus.FAILED)
+
+
+def list_query(where: Filter, *, limit: int, cursor: str | None) -> sa.Select[Any]:
+    conditions = where.conditions()
+    if cursor:
+        conditions.append(outbox_table.c.id < cursor)
+    order: sa.ColumnElement[Any] = outbox_table.c.id
+    if where.status in _SMALL_STATES:
+        # A few rows among many delivered: read them through that state's partial
+        # index and sort them, rather than walk the primary key past every
+        # delivered row (which SQLite's planner would otherwise choose).
+        order = sa.func.coalesce(outbox_table.c.id, "")
+    return sa.select(*_SUMMARY_COLUMNS).where(*conditions).order_by(order.desc()).limit(limit)
+
+
 async def list_events(
     db: Database, where: Filter, *, limit: int = DEFAULT_PAGE, cursor: str | None = None
 ) -> Page:
@@ -283,15 +319,7 @@ async def list_events(
     """
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE}")
-    conditions = where.conditions()
-    if cursor:
-        conditions.append(outbox_table.c.id < cursor)
-    query = (
-        sa.select(*_SUMMARY_COLUMNS)
-        .where(*conditions)
-        .order_by(outbox_table.c.id.desc())
-        .limit(limit + 1)
-    )
+    query = list_query(where, limit=limit + 1, cursor=cursor)
     async with db.engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     events = [EventSummary(*row) for row in rows[:limit]]
@@ -480,13 +508,21 @@ async def _batches(db: Database, selection: Selection):  # type: ignore[no-untyp
             yield unique[start : start + REPLAY_BATCH]
         return
     assert selection.where is not None
+    conditions = selection.where.conditions()
+    async with db.engine.connect() as conn:
+        # The walk ends at the newest row that matched when it began: a row
+        # replayed with a new id (a newer UUIDv7), or one the worker moved back
+        # to the filtered state meanwhile, is not taken again in the same replay.
+        last = await conn.scalar(sa.select(sa.func.max(outbox_table.c.id)).where(*conditions))
+    if last is None:
+        return
     after = ""
     while True:
         async with db.engine.connect() as conn:
             ids = list(
                 await conn.scalars(
                     sa.select(outbox_table.c.id)
-                    .where(*selection.where.conditions(), outbox_table.c.id > after)
+                    .where(*conditions, outbox_table.c.id > after, outbox_table.c.id <= last)
                     .order_by(outbox_table.c.id)
                     .limit(REPLAY_BATCH)
                 )
@@ -565,22 +601,25 @@ async def purge(
 
 
 async def event_for_user(db: Database, event_id: str, user_id: int) -> dict[str, Any] | None:
-    """What a client may see of an event it posted; None for anyone else's (or none)."""
+    """What a client may see of an event it posted, by the id it was given or the
+    id a replay gave it; None for anyone else's (or none)."""
+    o = outbox_table
+    columns = (o.c.id, o.c.origin_id, o.c.status, o.c.delivered_at, o.c.attempts, o.c.last_error)
     async with db.engine.connect() as conn:
-        document = (
-            await conn.execute(
-                sa.select(documents.c.document_name, documents.c.created_at).where(
-                    documents.c.event_id == event_id, documents.c.user_id == user_id
-                )
-            )
-        ).first()
-        if document is None:
-            return None
-        o = outbox_table
-        columns = (o.c.id, o.c.status, o.c.delivered_at, o.c.attempts, o.c.last_error)
         row = (await conn.execute(sa.select(*columns).where(o.c.id == event_id))).first()
         if row is None:
             row = (await conn.execute(sa.select(*columns).where(o.c.origin_id == event_id))).first()
+        # The document keeps the id the client was first given.
+        first_id = row.origin_id if row is not None and row.origin_id else event_id
+        document = (
+            await conn.execute(
+                sa.select(documents.c.document_name, documents.c.created_at).where(
+                    documents.c.event_id == first_id, documents.c.user_id == user_id
+                )
+            )
+        ).first()
+    if document is None:
+        return None
     view: dict[str, Any] = {
         "id": event_id,
         "documentName": document.document_name,

@@ -536,14 +536,25 @@ def replay(
     ``new_id``, each row gets a fresh event id (the payload's too), and keeps
     the id its client was given in ``origin_id`` and the old one in history.
     """
+    # Rows in id order, so that two replays of overlapping sets cannot deadlock;
+    # only replayable ones are locked (a worker's sending rows are left alone).
     found = {
         row.id: row
         for row in conn.execute(
             sa.select(outbox.c.id, outbox.c.status, sa.cast(outbox.c.payload, sa.Text))
-            .where(outbox.c.id.in_(ids))
+            .where(outbox.c.id.in_(ids), outbox.c.status.in_(REPLAYABLE))
+            .order_by(outbox.c.id)
             .with_for_update()
         )
     }
+    missing = [i for i in ids if i not in found]
+    if missing:
+        found |= {
+            row.id: row
+            for row in conn.execute(
+                sa.select(outbox.c.id, outbox.c.status, sa.null()).where(outbox.c.id.in_(missing))
+            )
+        }
     moved: list[Replayed] = []
     skipped: dict[str, str] = {}
     for event_id in ids:

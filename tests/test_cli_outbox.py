@@ -8,8 +8,10 @@ import json
 import socket
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from service import migrate
 from service.config import Settings
 from service.db import Database
 from tests.fakes.inngest import StandIn
@@ -123,6 +125,14 @@ async def test_status_list_show_replay_and_purge(
     assert set(await states(db.engine)) == {failed[0], moved["newId"], pending}
 
 
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], Path]:
+    cwd = tmp_path_factory.mktemp("cli")
+    env = base_env(DATABASE_URL=f"sqlite+aiosqlite:///{cwd / 'x.db'}")
+    assert run_cli("migrate", env=env, cwd=cwd).returncode == 0
+    return env, cwd
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -149,11 +159,10 @@ async def test_status_list_show_replay_and_purge(
     ],
 )
 def test_a_bad_argument_is_a_clear_message_and_status_2(
-    args: list[str], message: str, tmp_path: Path
+    args: list[str], message: str, migrated: tuple[dict[str, str], Path]
 ) -> None:
-    # No database: arguments are checked before anything is read.
-    env = base_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
-    code, out, err = cli(*args, env=env, cwd=tmp_path)
+    env, cwd = migrated
+    code, out, err = cli(*args, env=env, cwd=cwd)
     assert (code, out, err) == (2, "", f"inngest-outbox: {message}\n")
 
 
@@ -205,3 +214,32 @@ async def test_replay_of_a_filtered_set_while_the_worker_runs(
         await poll_until(lambda: has_only(process_env, "delivered"))
     finally:
         assert service.stop() == 0, service.log()
+
+
+def test_operator_commands_refuse_a_schema_behind_the_code(tmp_path: Path) -> None:
+    env = base_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+    assert run_cli("migrate", "0003", env=env, cwd=tmp_path).returncode == 0
+    code, out, err = cli("status", env=env, cwd=tmp_path)
+    assert (code, out) == (2, "")
+    assert err.endswith(
+        f"inngest-outbox: configuration error: the database schema is at revision 0003, "
+        f"not {migrate.head_revision()}: run `inngest-outbox migrate` first\n"
+    )
+
+
+async def test_json_logs_carry_each_request_id_access_lines_too(
+    tmp_path: Path, service_env: dict[str, str]
+) -> None:
+    env = {**service_env, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "ACCESS_LOG": "true"}
+    service = await ServiceProcess(["serve", "--no-worker"], env=env, cwd=tmp_path).started()
+    try:
+        async with aiohttp.ClientSession() as http:
+            response = await http.get(f"{service.url}/healthz", headers={"X-Request-Id": "t-42"})
+            assert response.status == 200
+    finally:
+        assert service.stop() == 0
+    lines = [json.loads(line) for line in service.log().splitlines()]  # every line is JSON
+    [access] = [line for line in lines if line["logger"] == "aiohttp.access"]
+    assert access["request_id"] == "t-42"
+    assert "GET /healthz" in access["message"]
+    assert {line["request_id"] for line in lines if line["logger"] != "aiohttp.access"} == {"-"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -378,3 +379,96 @@ def test_durations_and_times() -> None:
         operations.parse_time("yesterday", now=now)
     with pytest.raises(InvalidArgument, match="'sent' is not a status"):
         operations.parse_status("sent")
+
+
+async def test_a_filtered_replay_ends_even_when_rows_come_back_to_the_filter(
+    db: Database,
+    engine: AsyncEngine,
+    delivery_settings: Settings,
+    http,
+    inngest: StandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With --new-id each replayed row gets a newer id; if a worker fails it again
+    before the walk ends, the walk must not take it again (and again, forever)."""
+    failed = await fail_for_good(db, delivery_settings, http, inngest, count=4)
+    monkeypatch.setattr(operations, "REPLAY_BATCH", 2)
+    real_replay = outbox.replay
+
+    def replay_then_fail_again(conn, ids, **kwargs):  # type: ignore[no-untyped-def]
+        moved, skipped = real_replay(conn, ids, **kwargs)
+        conn.execute(
+            sa.update(outbox_table)
+            .where(outbox_table.c.id.in_([r.new_id for r in moved]))
+            .values(status="failed")
+        )
+        return moved, skipped
+
+    monkeypatch.setattr(outbox, "replay", replay_then_fail_again)
+    selection = Selection(where=Filter(status=outbox.OutboxStatus.FAILED))
+    async with asyncio.timeout(10):
+        result = await operations.replay(
+            db, selection, actor="op", now=datetime.now(UTC), new_ids=True
+        )
+    assert sorted(r.id for r in result.replayed) == sorted(failed)
+    assert result.matched == 4
+
+
+async def test_the_client_view_follows_a_new_id_and_tells_a_purge(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, http, inngest: StandIn
+) -> None:
+    alice = await auth.create_user(db, "alice", "a long password")
+    [event_id] = await enqueue(db, 1)
+    now = datetime.now(UTC)
+    await db.write(
+        lambda conn: conn.execute(
+            documents.insert().values(
+                user_id=alice.id, document_name="a.pdf", event_id=event_id, created_at=now
+            )
+        )
+    )
+    await make_worker(db, delivery_settings, http).drain_once()
+    result = await operations.replay(
+        db, Selection(ids=(event_id,)), actor="op", now=now, new_ids=True
+    )
+    new_id = result.replayed[0].new_id
+    assert new_id is not None
+    by_old = await operations.event_for_user(db, event_id, alice.id)
+    assert by_old is not None and (by_old["status"], by_old["replayedAs"]) == ("pending", new_id)
+    by_new = await operations.event_for_user(db, new_id, alice.id)
+    assert by_new is not None and by_new["status"] == "pending" and "replayedAs" not in by_new
+    assert await operations.event_for_user(db, new_id, alice.id + 1) is None
+    await make_worker(db, delivery_settings, http).drain_once()
+    await operations.purge(db, now=now + timedelta(days=1), delivered_older_than=timedelta(0))
+    gone = await operations.event_for_user(db, event_id, alice.id)
+    assert gone is not None and gone["status"] == "purged"
+
+
+def test_durations_too_long_are_invalid_not_a_crash() -> None:
+    with pytest.raises(InvalidArgument, match="'300000w' is too long ago"):
+        operations.parse_time("300000w", now=datetime.now(UTC))
+    with pytest.raises(InvalidArgument, match="is too long a duration"):
+        operations.parse_duration("9" * 400 + "d")
+
+
+async def test_lists_of_small_states_read_their_partial_index(db: Database) -> None:
+    """Not a walk of the primary key past every delivered row (SQLite's choice
+    for ORDER BY id otherwise)."""
+    if db.dialect != "sqlite":
+        pytest.skip("PostgreSQL's planner chooses by statistics; see test_postgres")
+    from service.operations import _SMALL_STATES, _SUMMARY_COLUMNS
+
+    for status in _SMALL_STATES:
+        query = (
+            sa.select(*_SUMMARY_COLUMNS)
+            .where(outbox_table.c.status == status)
+            .order_by(sa.func.coalesce(outbox_table.c.id, "").desc())
+            .limit(51)
+        )
+        async with db.engine.connect() as conn:
+            compiled = query.compile(conn.sync_engine, compile_kwargs={"literal_binds": True})
+            plan = " ".join(
+                str(row[-1]) for row in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")
+            )
+        assert "USING INDEX ix_outbox_" in plan, plan
+        assert "sqlite_autoindex_outbox" not in plan, plan

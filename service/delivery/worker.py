@@ -295,17 +295,19 @@ class DeliveryWorker:
                     self._wake.set()
                 await self._notify()
 
-    async def _release(self, lease: _Lease, held: tuple[int, str] | None = None) -> None:
-        """Give back what was claimed and not sent; ``held``: (status, error) of a
-        send refused for the key, recorded in the history."""
+    async def _release(
+        self, lease: _Lease, held: tuple[int, str, Sequence[str]] | None = None
+    ) -> None:
+        """Give back what was claimed and not sent; ``held``: (status, error, ids)
+        of a send refused for the key, recorded in those events' history."""
         lease.returned = True
         ids = list(lease.unsent)
         lease.unsent.clear()
         history = None
         if held is not None:
-            status, error = held
+            status, error, refused = held
             history = (
-                dict.fromkeys(ids),
+                dict.fromkeys(refused),
                 self._entry(outbox.HistoryKind.HELD, status, error),
             )
         released = await outbox.release(self._db, ids, lease.token, history=history)
@@ -345,7 +347,7 @@ class DeliveryWorker:
                 # Not the events' fault: give them back untouched.
                 for event in events:
                     lease.unsent.setdefault(event.id, event)
-                await self._release(lease, held=(status, error))
+                await self._release(lease, held=(status, error, [e.id for e in events]))
             case Transient(status=status, error=error, retry_after=retry_after):
                 await self._retry(lease, events, error, status, retry_after)
 

@@ -132,10 +132,14 @@ def _selection(body: dict[str, Any]) -> Selection:
     for key in ("name", "since", "until"):
         if filters[key] is not None and not isinstance(filters[key], str):
             raise invalid_field(key, "type", f"{key} must be a string.")
-    try:
-        return Selection(where=_filter(filters, _now()))
-    except InvalidArgument as exc:
-        raise invalid_field("since", "format", str(exc)) from None
+    now = _now()
+    for key in ("since", "until"):
+        if filters[key]:
+            try:
+                operations.parse_time(filters[key], now=now)
+            except InvalidArgument as exc:
+                raise invalid_field(key, "format", str(exc)) from None
+    return Selection(where=_filter(filters, now))
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:

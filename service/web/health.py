@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -57,12 +58,17 @@ def _worker(request: web.Request) -> Check:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format. The outbox gauges are read from the database now."""
+    """Prometheus text format. The outbox gauges are read from the database at
+    most every few seconds, however often (or by whom) /metrics is fetched."""
     registry = request.app[METRICS]
-    stats = await operations.stats(request.app[DATABASE], now=datetime.now(UTC))
-    for status, count in stats.counts.items():
-        registry.rows.labels(status).set(count)
-    registry.oldest_pending_age.set(stats.oldest_pending_age_seconds or 0)
+    if registry.outbox_due(time.monotonic()):
+        stats = await operations.stats(
+            request.app[DATABASE], now=datetime.now(UTC), count_delivered=False
+        )
+        for status, count in stats.counts.items():
+            if count >= 0:
+                registry.rows.labels(status).set(count)
+        registry.oldest_pending_age.set(stats.oldest_pending_age_seconds or 0)
     return web.Response(
         body=registry.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

@@ -9,6 +9,7 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_log import AccessLogger
 
 from ..ids import new_request_id
 from ..keys import METRICS
@@ -26,6 +27,18 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         return True
+
+
+class RequestIdAccessLogger(AccessLogger):
+    """aiohttp writes the access line after the middleware has returned (and reset
+    the request id): take the id back from the response for that line."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        token = request_id_var.set(response.headers.get("X-Request-Id", "-"))
+        try:
+            super().log(request, response, time)
+        finally:
+            request_id_var.reset(token)
 
 
 @web.middleware
