@@ -19,10 +19,12 @@ from .intake import DocumentIntake
 from .keys import (
     DATABASE,
     INTAKE,
+    LOGIN_THROTTLE,
     METRICS,
     PASSWORDS,
     S3_CHECKER,
     SCHEMA_HEAD,
+    SESSION_REGISTRY,
     SESSIONS,
     SETTINGS,
     WAKE,
@@ -44,6 +46,11 @@ def create_app(settings: Settings) -> web.Application:
     # Sessions are aiohttp-session's encrypted cookies, read where needed
     # (auth.current_user) rather than by a middleware on every request.
     app[SESSIONS] = auth.session_storage(settings)
+    app[SESSION_REGISTRY] = auth.SessionRegistry(check_seconds=settings.session_check_seconds)
+    app[LOGIN_THROTTLE] = auth.LoginThrottle(
+        max_failures=settings.login_max_failures,
+        window_seconds=settings.login_failure_window_seconds,
+    )
     app[SETTINGS] = settings
     app[S3_CHECKER] = S3CredentialChecker(
         settings.s3_bucket,

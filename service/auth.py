@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import re
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .config import Settings
 from .db import Database
-from .models import users
+from .models import login_failures, sessions, users
 
 MAX_CACHED_COOKIE_HEADER = 1024
 USERNAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -211,10 +213,15 @@ def session_storage(settings: Settings) -> CachedCookieStorage:
 
 
 async def log_in(
-    storage: EncryptedCookieStorage, request: web.Request, response: web.Response, user: User
+    storage: EncryptedCookieStorage,
+    request: web.Request,
+    response: web.Response,
+    user: User,
+    session_id: str,
 ) -> None:
     # Always a new session: a cookie planted before login is not reused (fixation).
     session = Session(None, data=None, new=True, max_age=storage.max_age)
+    session["sid"] = session_id
     session["uid"] = user.id
     session["name"] = user.username
     session["admin"] = user.is_admin
@@ -228,11 +235,128 @@ async def log_out(
     await storage.save_session(request, response, Session(None, data={}, new=True))
 
 
-async def current_user(storage: EncryptedCookieStorage, request: web.Request) -> User | None:
-    """Who the session cookie says is logged in (no session middleware: it is read
-    only where it is needed, through the decrypted-cookie cache)."""
+async def session_of(
+    storage: EncryptedCookieStorage, request: web.Request
+) -> tuple[str, User] | None:
+    """(session id, user) that the session cookie names, if it decrypts and is not
+    too old; whether the session is still open is ``SessionRegistry.is_valid``'s."""
     session = await storage.load_session(request)
     uid = session.get("uid")
-    if not isinstance(uid, int) or session.new:
+    sid = session.get("sid")
+    if not isinstance(uid, int) or not isinstance(sid, str) or session.new:
         return None
-    return User(id=uid, username=str(session.get("name")), is_admin=bool(session.get("admin")))
+    user = User(id=uid, username=str(session.get("name")), is_admin=bool(session.get("admin")))
+    return sid, user
+
+
+class SessionRegistry:
+    """Server-side sessions: the cookie names a row, and logout revokes it.
+
+    A process remembers each verdict for ``check_seconds`` so that a request
+    costs no query; its own logouts take effect at once, another process's
+    within ``check_seconds``.
+    """
+
+    def __init__(self, *, check_seconds: float, cache_size: int = 10_000) -> None:
+        self._check_seconds = check_seconds
+        self._cache_size = cache_size
+        self._verdicts: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+
+    async def open(self, db: Database, user_id: int, max_age_seconds: int) -> str:
+        session_id = secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+
+        def insert(conn: Any) -> None:
+            # Expired rows go as new ones come: the table holds live sessions.
+            conn.execute(sessions.delete().where(sessions.c.expires_at < now))
+            conn.execute(
+                sessions.insert().values(
+                    id=session_id,
+                    user_id=user_id,
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=max_age_seconds),
+                )
+            )
+
+        await db.write(insert)
+        return session_id
+
+    async def is_valid(self, db: Database, session_id: str, user_id: int) -> bool:
+        now = time.monotonic()
+        hit = self._verdicts.get(session_id)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        async with db.engine.connect() as conn:
+            columns = (sessions.c.user_id, sessions.c.expires_at, sessions.c.revoked_at)
+            query = sa.select(*columns).where(sessions.c.id == session_id)
+            row = (await conn.execute(query)).first()
+        valid = (
+            row is not None
+            and row.user_id == user_id
+            and row.revoked_at is None
+            and row.expires_at > datetime.now(UTC)
+        )
+        self._remember(session_id, now + self._check_seconds, valid)
+        return valid
+
+    async def revoke(self, db: Database, session_id: str) -> None:
+        statement = (
+            sessions.update()
+            .where(sessions.c.id == session_id, sessions.c.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC))
+        )
+        await db.write(lambda conn: conn.execute(statement))
+        self._remember(session_id, float("inf"), False)
+
+    def _remember(self, session_id: str, until: float, valid: bool) -> None:
+        self._verdicts[session_id] = (until, valid)
+        self._verdicts.move_to_end(session_id)
+        if len(self._verdicts) > self._cache_size:
+            self._verdicts.popitem(last=False)
+
+
+class LoginThrottle:
+    """At most ``max_failures`` failed logins per key (a username, an address)
+    within a sliding window; past it, logins for that key wait.
+
+    The failures are rows in the database, so the limit holds across every
+    process and host that shares it.
+    """
+
+    def __init__(self, *, max_failures: int, window_seconds: int) -> None:
+        self.max_failures = max_failures
+        self.window = timedelta(seconds=window_seconds)
+
+    async def retry_after(self, db: Database, keys: list[str]) -> int | None:
+        """Seconds until a login for these keys may be tried again; None: now."""
+        now = datetime.now(UTC)
+        waits = []
+        async with db.engine.connect() as conn:
+            for key in keys:
+                # The failure whose expiry brings the count back under the limit.
+                unblocking = await conn.scalar(
+                    sa.select(login_failures.c.at)
+                    .where(login_failures.c.key == key, login_failures.c.at > now - self.window)
+                    .order_by(login_failures.c.at.desc())
+                    .limit(1)
+                    .offset(self.max_failures - 1)
+                )
+                if unblocking is not None:
+                    if unblocking.tzinfo is None:
+                        unblocking = unblocking.replace(tzinfo=UTC)
+                    waits.append((unblocking + self.window - now).total_seconds())
+        return max(1, math.ceil(max(waits))) if waits else None
+
+    async def failed(self, db: Database, keys: list[str]) -> None:
+        now = datetime.now(UTC)
+
+        def record(conn: Any) -> None:
+            conn.execute(login_failures.delete().where(login_failures.c.at <= now - self.window))
+            conn.execute(login_failures.insert(), [{"key": key, "at": now} for key in keys])
+
+        await db.write(record)
+
+    async def succeeded(self, db: Database, key: str) -> None:
+        await db.write(
+            lambda conn: conn.execute(login_failures.delete().where(login_failures.c.key == key))
+        )

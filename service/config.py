@@ -40,6 +40,13 @@ class Settings:
     session_max_age_seconds: int = 7 * 24 * 3600
     session_cookie_name: str = "inngest_outbox_session"
     session_cookie_secure: bool = False
+    # How long a process trusts its last look at a session row: a logout on
+    # another process takes effect here within this many seconds.
+    session_check_seconds: float = 5.0
+    login_max_failures: int = 10
+    login_failure_window_seconds: int = 900
+    # Origins (scheme://host[:port]) besides the service's own that may POST.
+    allowed_origins: frozenset[str] = frozenset()
     inngest_event_key: str | None = dataclasses.field(default=None, repr=False)
     inngest_base_url: str = DEFAULT_INNGEST_BASE_URL
     inngest_event_name: str = DEFAULT_EVENT_NAME
@@ -88,6 +95,10 @@ class Settings:
             session_secret=decode_session_secret(secret_text) if secret_text else None,
             session_max_age_seconds=_int(env, "SESSION_MAX_AGE", 7 * 24 * 3600, 1),
             session_cookie_secure=_bool(env, "SESSION_COOKIE_SECURE", False),
+            session_check_seconds=_float(env, "SESSION_CHECK_SECONDS", 5.0, 0.0),
+            login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 10, 1),
+            login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 900, 1),
+            allowed_origins=_origins(env.get("ALLOWED_ORIGINS") or ""),
             inngest_event_key=env.get("INNGEST_EVENT_KEY") or None,
             inngest_base_url=(
                 env.get("INNGEST_BASE_URL")
@@ -193,6 +204,21 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if raw not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}.")
     return raw
+
+
+def _origins(raw: str) -> frozenset[str]:
+    origins = set()
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/").lower()
+        if not origin:
+            continue
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise ConfigError(
+                f"ALLOWED_ORIGINS takes origins like https://app.example.com, not {item.strip()!r}."
+            )
+        origins.add(origin)
+    return frozenset(origins)
 
 
 def _log_level(raw: str) -> str:

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from .auth import CachedCookieStorage, PasswordVerifier
+from .auth import CachedCookieStorage, LoginThrottle, PasswordVerifier, SessionRegistry
 from .config import Settings
 from .db import Database
 from .delivery.worker import DeliveryWorker
@@ -26,3 +26,5 @@ SESSIONS = web.AppKey("sessions", CachedCookieStorage)
 METRICS = web.AppKey("metrics", Metrics)
 # The Alembic revision this code expects (read once at start-up, for /readyz).
 SCHEMA_HEAD = web.AppKey("schema_head", str)
+SESSION_REGISTRY = web.AppKey("session_registry", SessionRegistry)
+LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)

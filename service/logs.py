@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 
 from .web.middlewares import RequestIdFilter
 
+# Libraries that log credentials at DEBUG (botocore: each signed request's
+# Authorization header, with the access key id): never below INFO.
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -39,3 +42,6 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    floor = max(logging.getLevelName(level), logging.INFO)
+    for name in CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(floor)

@@ -156,3 +156,27 @@ outbox_history = sa.Table(
 )
 sa.Index("ix_outbox_history_event_id_id", outbox_history.c.event_id, outbox_history.c.id)
 sa.Index("ix_outbox_history_kind_at", outbox_history.c.kind, outbox_history.c.at)
+
+# A logged-in session: the encrypted cookie carries its id; logout revokes it.
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("user_id", BigId, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+)
+sa.Index("ix_sessions_user_id", sessions.c.user_id)
+sa.Index("ix_sessions_expires_at", sessions.c.expires_at)
+
+# Failed logins per key ("user:NAME", "ip:ADDR"), counted over a sliding window.
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(128), nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+)
+sa.Index("ix_login_failures_key_at", login_failures.c.key, login_failures.c.at)
+sa.Index("ix_login_failures_at", login_failures.c.at)

@@ -302,17 +302,60 @@ async def test_event_size_counts_utf8_bytes(alice_on, engine: AsyncEngine) -> No
         (
             {"documentName": "a\nb"},
             "control_characters",
-            "documentName must not contain control characters.",
+            "documentName must not contain control characters (U+000A).",
         ),
         (
             {"documentName": "a\x00b"},
             "control_characters",
-            "documentName must not contain control characters.",
+            "documentName must not contain control characters (U+0000).",
         ),
         (
             {"documentName": "a\x85b"},
             "control_characters",
-            "documentName must not contain control characters.",
+            "documentName must not contain control characters (U+0085).",
+        ),
+        (
+            {"documentName": "invoice\u202efdp.exe"},  # shows as invoiceexe.pdf
+            "format_characters",
+            "documentName must not contain invisible format characters such as bidi controls "
+            "(U+202E).",
+        ),
+        (
+            {"documentName": "a\u200bb"},  # zero-width space
+            "format_characters",
+            "documentName must not contain invisible format characters such as bidi controls "
+            "(U+200B).",
+        ),
+        (
+            {"documentName": "a\U000e0041"},  # a tag character
+            "format_characters",
+            "documentName must not contain invisible format characters such as bidi controls "
+            "(U+E0041).",
+        ),
+        (
+            {"documentName": "a\ue000"},
+            "private_use",
+            "documentName must not contain private-use characters (U+E000).",
+        ),
+        (
+            {"documentName": "a\U0010fffd"},
+            "private_use",
+            "documentName must not contain private-use characters (U+10FFFD).",
+        ),
+        (
+            {"documentName": "a\U0003fffe"},
+            "unassigned",
+            "documentName must not contain unassigned code points (U+3FFFE).",
+        ),
+        (
+            {"documentName": "a\u2028b"},
+            "line_separator",
+            "documentName must not contain line or paragraph separators (U+2028).",
+        ),
+        (
+            {"documentName": "a\u2029b"},
+            "line_separator",
+            "documentName must not contain line or paragraph separators (U+2029).",
         ),
         (
             {"documentName": "/etc/passwd"},
@@ -503,3 +546,58 @@ async def test_healthz(client: TestClient) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
     assert await response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "👩\u200d💻 notes.pdf",  # an emoji sequence joined by ZWJ
+        "क्\u200dष.txt",  # a conjunct needing ZWJ
+        "e\u0301t\u00e9.pdf",  # combining and precomposed accents (kept as sent)
+        "a\u00a0b.pdf",  # a no-break space
+        "文档.docx",
+        "\U0001f600.png",
+    ],
+)
+async def test_names_in_every_script_are_accepted_as_sent(
+    logged_in: TestClient, engine: AsyncEngine, name: str
+) -> None:
+    response = await logged_in.post("/api", json={"documentName": name})
+    assert response.status == 200, await response.text()
+    documents_rows, _ = await rows(engine)
+    assert [d.document_name for d in documents_rows] == [name]
+
+
+# -- cross-site requests ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "null", "http://127.0.0.1.evil.example"]
+)
+async def test_a_cross_site_post_is_403_and_writes_nothing(
+    logged_in: TestClient, engine: AsyncEngine, origin: str
+) -> None:
+    response = await logged_in.post("/api", json={"documentName": "a"}, headers={"Origin": origin})
+    body = await problem(response, 403, "origin_not_allowed")
+    assert body["detail"] == "This origin may not send requests here; see ALLOWED_ORIGINS."
+    assert await rows(engine) == ([], [])
+
+
+async def test_a_cross_site_login_is_refused_too(client: TestClient, user: auth.User) -> None:
+    response = await client.post(
+        "/auth/login",
+        json={"username": "alice", "password": PASSWORD},
+        headers={"Origin": "https://evil.example"},
+    )
+    await problem(response, 403, "origin_not_allowed")
+    assert "set-cookie" not in response.headers
+
+
+async def test_same_site_and_allowed_origins_may_post(alice_on, engine: AsyncEngine) -> None:
+    client: TestClient = await alice_on(allowed_origins=frozenset({"https://app.example"}))
+    own = f"http://{client.server.host}:{client.server.port}"
+    for origin in (own, "https://app.example", "HTTPS://APP.EXAMPLE/"):
+        response = await client.post("/api", json={"documentName": "a"}, headers={"Origin": origin})
+        assert response.status == 200, (origin, await response.text())
+    response = await client.get("/auth/me", headers={"Origin": "https://evil.example"})
+    assert response.status == 200  # reads are not refused: they change nothing

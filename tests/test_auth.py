@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from service import auth
 from service.app import create_app
 from service.config import Settings
 from service.db import Database
-from service.models import users
+from service.models import login_failures, users
 from tests.conftest import PASSWORD
 
 PROBLEM = "application/problem+json"
@@ -187,9 +188,12 @@ class TestCookiesThatAreNotAccepted:
         assert (await client.get("/auth/me")).status == 401
         assert (await client.post("/api", json={"documentName": "a"})).status == 401
 
-    async def test_expired(self, client: TestClient, user: auth.User, settings: Settings) -> None:
+    async def test_expired(
+        self, client: TestClient, user: auth.User, settings: Settings, db: Database
+    ) -> None:
         assert settings.session_secret is not None
-        session = {"uid": user.id, "name": "alice", "admin": False}
+        sid = await auth.SessionRegistry(check_seconds=0).open(db, user.id, 3600)
+        session = {"sid": sid, "uid": user.id, "name": "alice", "admin": False}
         fresh = forge_cookie(settings.session_secret, session, age_seconds=10)
         client.session.cookie_jar.update_cookies({COOKIE: fresh})
         assert (await client.get("/auth/me")).status == 200  # the forging is right...
@@ -278,3 +282,107 @@ async def test_password_checks_run_a_few_at_a_time(user: auth.User) -> None:
         auth._verify = auth_verify  # type: ignore[assignment]
     assert results == [True] * 6
     assert peak == 2
+
+
+# -- server-side sessions ------------------------------------------------------
+
+
+async def test_a_cookie_copied_before_logout_is_refused_after_it(
+    aiohttp_client, client: TestClient, user: auth.User, settings: Settings, engine: AsyncEngine
+) -> None:
+    response = await login(client)
+    copied = response.cookies[COOKIE].value
+    assert (await client.post("/auth/logout")).status == 204
+    replay = client  # the same server, the cookie put back as an attacker would
+    replay.session.cookie_jar.update_cookies({COOKIE: copied})
+    assert (await replay.get("/auth/me")).status == 401
+    response = await replay.post("/api", json={"documentName": "a"})
+    assert response.status == 401
+    assert (await response.json(content_type=PROBLEM))["code"] == "unauthenticated"
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.text("SELECT count(*) FROM documents")) == 0
+
+
+async def test_a_logout_on_one_process_reaches_the_others(
+    aiohttp_client, user: auth.User, settings: Settings
+) -> None:
+    """Two apps on one database stand for two processes; with SESSION_CHECK_SECONDS
+    0 each request looks at the session row (the default, 5, bounds the delay)."""
+    first = await aiohttp_client(create_app(settings.replace(session_check_seconds=0)))
+    second = await aiohttp_client(create_app(settings.replace(session_check_seconds=0)))
+    cookie = (await login(first)).cookies[COOKIE].value
+    second.session.cookie_jar.update_cookies({COOKIE: cookie})
+    assert (await second.get("/auth/me")).status == 200
+    assert (await first.post("/auth/logout")).status == 204
+    assert (await second.get("/auth/me")).status == 401
+
+
+async def test_a_cookie_without_a_session_row_is_refused(
+    client: TestClient, user: auth.User, settings: Settings
+) -> None:
+    """The right key, but no session the server opened (an older cookie, a made-up id)."""
+    assert settings.session_secret is not None
+    for session in (
+        {"uid": user.id, "name": "alice", "admin": True},
+        {"sid": "made-up", "uid": user.id, "name": "alice", "admin": True},
+    ):
+        client.session.cookie_jar.update_cookies(
+            {COOKIE: forge_cookie(settings.session_secret, session)}
+        )
+        assert (await client.get("/auth/me")).status == 401
+
+
+async def test_a_session_names_its_own_user_only(
+    client: TestClient, user: auth.User, settings: Settings, db: Database
+) -> None:
+    bob = await auth.create_user(db, "bob", PASSWORD)
+    sid = await auth.SessionRegistry(check_seconds=0).open(db, bob.id, 3600)
+    assert settings.session_secret is not None
+    forged = forge_cookie(settings.session_secret, {"sid": sid, "uid": user.id, "name": "alice"})
+    client.session.cookie_jar.update_cookies({COOKIE: forged})
+    assert (await client.get("/auth/me")).status == 401
+
+
+# -- brute force ----------------------------------------------------------------
+
+
+async def test_too_many_failed_logins_from_one_address_are_429(
+    aiohttp_client, user: auth.User, settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(settings.replace(login_max_failures=3)))
+    for name in ("alice", "bob", "carol"):  # any names, one address
+        assert (await login(client, name, "wrong password")).status == 401
+    response = await login(client)  # the right password, too late
+    assert response.status == 429
+    body = await response.json(content_type=PROBLEM)
+    retry_after = int(response.headers["Retry-After"])
+    assert 895 <= retry_after <= 900
+    assert body == {
+        "type": "https://inngest-outbox.dev/problems/too_many_logins",
+        "title": "Too many failed logins",
+        "status": 429,
+        "code": "too_many_logins",
+        "detail": "Too many failed logins for this user or from this address; "
+        f"retry in {retry_after} seconds.",
+        "instance": "/auth/login",
+    }
+    assert "set-cookie" not in response.headers
+
+
+async def test_the_throttle_counts_per_key_over_a_window(db: Database, engine: AsyncEngine) -> None:
+    throttle = auth.LoginThrottle(max_failures=2, window_seconds=900)
+    alice, here, there = "user:alice", "ip:10.0.0.1", "ip:10.0.0.2"
+    await throttle.failed(db, [alice, here])
+    assert await throttle.retry_after(db, [alice, here]) is None
+    await throttle.failed(db, [alice, here])
+    assert await throttle.retry_after(db, [alice, there]) is not None  # the user is blocked
+    assert await throttle.retry_after(db, ["user:bob", here]) is not None  # so is the address
+    assert await throttle.retry_after(db, ["user:bob", there]) is None
+    await throttle.succeeded(db, alice)  # a good login clears the name, not the address
+    assert await throttle.retry_after(db, [alice, there]) is None
+    assert await throttle.retry_after(db, ["user:bob", here]) is not None
+    # Failures older than the window no longer count.
+    async with engine.begin() as conn:
+        an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        await conn.execute(sa.update(login_failures).values(at=an_hour_ago))
+    assert await throttle.retry_after(db, ["user:bob", here]) is None

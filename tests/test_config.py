@@ -77,6 +77,17 @@ def test_secrets_are_not_in_repr() -> None:
         ({"INNGEST_EVENT_NAME": "Inngest/x"}, "INNGEST_EVENT_NAME may not start with 'inngest/'"),
         ({"S3_CHECK_INTERVAL": "soon"}, "S3_CHECK_INTERVAL must be a number of seconds"),
         ({"INNGEST_OUTBOX_PROFILE": "staging"}, "INNGEST_OUTBOX_PROFILE must be one of dev"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT must be one of text, json, not 'xml'."),
+        ({"LOGIN_MAX_FAILURES": "0"}, "LOGIN_MAX_FAILURES must be at least 1, not 0."),
+        (
+            {"ALLOWED_ORIGINS": "app.example.com"},
+            "ALLOWED_ORIGINS takes origins like https://app.example.com, not 'app.example.com'.",
+        ),
+        (
+            {"ALLOWED_ORIGINS": "https://a.example/path"},
+            "ALLOWED_ORIGINS takes origins like https://app.example.com, not "
+            "'https://a.example/path'.",
+        ),
     ],
 )
 def test_bad_values_are_refused_clearly(env: dict[str, str], message: str) -> None:
@@ -105,3 +116,11 @@ def test_dev_profile_does_not_check_production_rules() -> None:
 
 def test_secret_with_surrounding_whitespace_is_accepted() -> None:
     assert len(decode_session_secret(f"  {SECRET}\n")) == 32
+
+
+def test_allowed_origins_are_normalised() -> None:
+    settings = Settings.from_env({"ALLOWED_ORIGINS": " https://A.example/ , http://b.example:8080"})
+    assert settings.allowed_origins == {"https://a.example", "http://b.example:8080"}
+    assert Settings.from_env({}).allowed_origins == frozenset()
+    assert Settings.from_env({}).login_max_failures == 10
+    assert Settings.from_env({}).login_failure_window_seconds == 900

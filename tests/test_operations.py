@@ -451,11 +451,10 @@ def test_durations_too_long_are_invalid_not_a_crash() -> None:
         operations.parse_duration("9" * 400 + "d")
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL plans by statistics
 async def test_lists_of_small_states_read_their_partial_index(db: Database) -> None:
     """Not a walk of the primary key past every delivered row (SQLite's choice
     for ORDER BY id otherwise)."""
-    if db.dialect != "sqlite":
-        pytest.skip("PostgreSQL's planner chooses by statistics; see test_postgres")
     from service.operations import _SMALL_STATES, _SUMMARY_COLUMNS
 
     for status in _SMALL_STATES:

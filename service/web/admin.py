@@ -14,11 +14,12 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from .. import auth, operations
-from ..keys import DATABASE, SESSIONS, WAKE
+from ..keys import DATABASE, WAKE
 from ..models import users
 from ..operations import Filter, InvalidArgument, Selection
 from .body import read_json_object
 from .problems import Problem, invalid_field, unauthenticated
+from .sessions import current_user
 
 MAX_REPLAY_BODY_BYTES = 256 * 1024
 MAX_REPLAY_IDS = 10_000
@@ -32,7 +33,7 @@ def _forbidden() -> Problem:
 
 async def _admin(request: web.Request) -> auth.User | None:
     """The logged-in user if an admin, None if not logged in; 403 otherwise."""
-    user = await auth.current_user(request.app[SESSIONS], request)
+    user = await current_user(request)
     if user is None:
         return None
     # Read from the database, not the cookie: taking the flag away works at once.

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import auth, outbox
+from .. import outbox
 from ..db import RawJSON
 from ..ids import new_event_id
 from ..intake import (
@@ -21,9 +21,10 @@ from ..intake import (
     StorageUnavailable,
     Submission,
 )
-from ..keys import INTAKE, S3_CHECKER, SESSIONS, SETTINGS
+from ..keys import INTAKE, S3_CHECKER, SETTINGS
 from .body import read_json_object
 from .problems import Problem, invalid_field, unauthenticated
+from .sessions import current_user
 
 MAX_DOCUMENT_NAME_BYTES = 1024
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -32,7 +33,7 @@ RETRY_AFTER_OVERLOADED_SECONDS = "1"
 
 async def post_document(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    user = await auth.current_user(request.app[SESSIONS], request)
+    user = await current_user(request)
     if user is None:
         raise unauthenticated()
     body = await read_json_object(request, settings.max_body_bytes)
@@ -106,6 +107,21 @@ class _Missing:
 _MISSING = _Missing()
 
 
+# Characters a name shown to people must not hold, by Unicode category: they are
+# invisible, reorder what is shown (bidi overrides: "Trojan Source"), or mean
+# nothing yet. (Cs, lone surrogates, fail the UTF-8 check before this.)
+_AWKWARD = {
+    "Cc": ("control_characters", "control characters"),
+    "Cf": ("format_characters", "invisible format characters such as bidi controls"),
+    "Co": ("private_use", "private-use characters"),
+    "Cn": ("unassigned", "unassigned code points"),
+    "Zl": ("line_separator", "line or paragraph separators"),
+    "Zp": ("line_separator", "line or paragraph separators"),
+}
+# Zero-width (non-)joiners are format characters that scripts and emoji need.
+_JOINERS = frozenset("\u200c\u200d")
+
+
 def validate_document_name(value: object) -> str:
     field = "documentName"
     if value is _MISSING:
@@ -126,10 +142,14 @@ def validate_document_name(value: object) -> str:
             "too_long",
             f"documentName may be at most {MAX_DOCUMENT_NAME_BYTES} bytes of UTF-8, not {size}.",
         )
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
-        raise invalid_field(
-            field, "control_characters", "documentName must not contain control characters."
-        )
+    if not value.isprintable():  # the cheap test first: most names are plain text
+        for ch in value:
+            if (rule := _AWKWARD.get(unicodedata.category(ch))) and ch not in _JOINERS:
+                raise invalid_field(
+                    field,
+                    rule[0],
+                    f"documentName must not contain {rule[1]} (U+{ord(ch):04X}).",
+                )
     if value.startswith(("/", "\\")):
         raise invalid_field(field, "leading_slash", "documentName must not start with '/' or '\\'.")
     if ".." in value.replace("\\", "/").split("/"):

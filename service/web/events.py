@@ -6,15 +6,16 @@ import re
 
 from aiohttp import web
 
-from .. import auth, operations
-from ..keys import DATABASE, SESSIONS
+from .. import operations
+from ..keys import DATABASE
 from .problems import Problem, unauthenticated
+from .sessions import current_user
 
 _EVENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 async def get_event(request: web.Request) -> web.Response:
-    user = await auth.current_user(request.app[SESSIONS], request)
+    user = await current_user(request)
     if user is None:
         raise unauthenticated()
     event_id = request.match_info["id"]

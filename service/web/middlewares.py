@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_log import AccessLogger
 
 from ..ids import new_request_id
-from ..keys import METRICS
+from ..keys import METRICS, SETTINGS
 from .problems import Problem, from_http_exception
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     token = request_id_var.set(request_id)
     try:
         try:
+            if request.method not in _SAFE_METHODS:
+                _check_origin(request)
             response = await handler(request)
         except Problem as problem:
             response = problem.response(request.path)
@@ -77,6 +79,33 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     finally:
         request_id_var.reset(token)
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _check_origin(request: web.Request) -> None:
+    """A browser names the page that sent a POST in Origin: refuse other sites'.
+
+    Requests without Origin (curl, servers) pass: the cookie is SameSite=Lax and
+    a JSON content type is required, so a browser cannot send one unnoticed.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    origin = origin.strip().rstrip("/").lower()
+    _, _, netloc = origin.partition("://")
+    if netloc and netloc == (request.host or "").lower():
+        return  # the service's own pages (the scheme may differ behind a TLS proxy)
+    settings = request.app.get(SETTINGS)  # a worker's status app has none
+    if settings is not None and origin in settings.allowed_origins:
+        return
+    raise Problem(
+        403,
+        "origin_not_allowed",
+        "Cross-site request refused",
+        "This origin may not send requests here; see ALLOWED_ORIGINS.",
+    )
 
 
 def _observe(request: web.Request, status: int, started: float) -> None:

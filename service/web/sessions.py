@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import auth
-from ..keys import DATABASE, PASSWORDS, SESSIONS, SETTINGS
+from ..keys import DATABASE, LOGIN_THROTTLE, PASSWORDS, SESSION_REGISTRY, SESSIONS, SETTINGS
 from .body import read_json_object
 from .problems import Problem, invalid_field, unauthenticated
 
@@ -20,6 +20,21 @@ async def login(request: web.Request) -> web.Response:
         raise invalid_field("username", "required", "username must be a non-empty string.")
     if not isinstance(password, str) or not password:
         raise invalid_field("password", "required", "password must be a non-empty string.")
+    db = request.app[DATABASE]
+    throttle = request.app[LOGIN_THROTTLE]
+    # Per name (one account guessed at from many addresses) and per address (many
+    # accounts tried from one). Behind a proxy every address is the proxy's.
+    keys = [f"user:{username.lower()[:64]}", f"ip:{request.remote or '-'}"]
+    retry_after = await throttle.retry_after(db, keys)
+    if retry_after is not None:
+        raise Problem(
+            429,
+            "too_many_logins",
+            "Too many failed logins",
+            f"Too many failed logins for this user or from this address; "
+            f"retry in {retry_after} seconds.",
+            headers={"Retry-After": str(retry_after)},
+        )
     if len(password) > auth.MAX_PASSWORD_LENGTH or len(username) > 64:
         user = None  # too long to be anyone's; still answer as for a wrong password
     else:
@@ -36,10 +51,15 @@ async def login(request: web.Request) -> web.Response:
                 headers={"Retry-After": "1"},
             ) from None
     if user is None:
+        await throttle.failed(db, keys)
         raise Problem(
             401, "invalid_credentials", "Login failed", "The username or password is wrong."
         )
+    await throttle.succeeded(db, keys[0])
     settings = request.app[SETTINGS]
+    session_id = await request.app[SESSION_REGISTRY].open(
+        db, user.id, settings.session_max_age_seconds
+    )
     response = web.json_response(
         {
             "username": user.username,
@@ -47,18 +67,33 @@ async def login(request: web.Request) -> web.Response:
             "expires_in": settings.session_max_age_seconds,
         }
     )
-    await auth.log_in(request.app[SESSIONS], request, response, user)
+    await auth.log_in(request.app[SESSIONS], request, response, user, session_id)
     return response
 
 
 async def logout(request: web.Request) -> web.Response:
+    """Revokes the session server-side: a copy of the cookie is refused from now on."""
+    found = await auth.session_of(request.app[SESSIONS], request)
+    if found is not None:
+        await request.app[SESSION_REGISTRY].revoke(request.app[DATABASE], found[0])
     response = web.Response(status=204)
     await auth.log_out(request.app[SESSIONS], request, response)
     return response
 
 
 async def me(request: web.Request) -> web.Response:
-    user = await auth.current_user(request.app[SESSIONS], request)
+    user = await current_user(request)
     if user is None:
         raise unauthenticated()
     return web.json_response({"id": user.id, "username": user.username, "admin": user.is_admin})
+
+
+async def current_user(request: web.Request) -> auth.User | None:
+    """Who is logged in: a cookie that decrypts, naming a session still open."""
+    found = await auth.session_of(request.app[SESSIONS], request)
+    if found is None:
+        return None
+    session_id, user = found
+    if not await request.app[SESSION_REGISTRY].is_valid(request.app[DATABASE], session_id, user.id):
+        return None
+    return user
