@@ -32,7 +32,7 @@ from .keys import (
 )
 from .metrics import Metrics
 from .storage import S3CredentialChecker
-from .web import admin, documents, events, health, sessions
+from .web import admin, documents, events, health, openapi, sessions
 from .web.middlewares import request_middleware
 
 
@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/auth/logout", sessions.logout)
     app.router.add_get("/auth/me", sessions.me)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/openapi.json", openapi.openapi)
     app.router.add_post("/api", documents.post_document)
     app.router.add_get("/api/events/{id}", events.get_event)
     app.router.add_get("/admin", admin.page)
