@@ -23,6 +23,7 @@ from .db import Database, create_engine
 from .logs import configure_logging
 from .operations import InvalidArgument
 from .web.middlewares import RequestIdAccessLogger
+from .web.server import AppRunner as ProblemAppRunner
 
 log = logging.getLogger("service")
 
@@ -143,7 +144,7 @@ async def _serve(settings: Settings) -> int:
     received = _catch_signals()
     # No access log unless asked for: a log line per request costs more than
     # a tenth of this service's throughput; /metrics is the cheaper view.
-    runner = web.AppRunner(
+    runner = ProblemAppRunner(
         create_app(settings),
         handle_signals=False,
         shutdown_timeout=10,
@@ -230,7 +231,7 @@ async def _work(settings: Settings, *, burst: bool, metrics_port: int | None = N
             status = None
             if metrics_port is not None:
                 head = await asyncio.to_thread(migrate.head_revision) or ""
-                status = web.AppRunner(
+                status = ProblemAppRunner(
                     create_worker_status_app(db, worker, metrics, head), access_log=None
                 )
                 await status.setup()
