@@ -601,3 +601,27 @@ async def test_same_site_and_allowed_origins_may_post(alice_on, engine: AsyncEng
         assert response.status == 200, (origin, await response.text())
     response = await client.get("/auth/me", headers={"Origin": "https://evil.example"})
     assert response.status == 200  # reads are not refused: they change nothing
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_locked_database_is_503_writes_nothing_and_recovers(
+    logged_in: TestClient, engine: AsyncEngine, db_url: str
+) -> None:
+    """Another program holds SQLite's write lock past the busy timeout (5 s)."""
+    import sqlite3
+
+    holder = sqlite3.connect(db_url.removeprefix("sqlite+aiosqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        response = await logged_in.post("/api", json={"documentName": "a"})
+        body = await problem(response, 503, "database_unavailable")
+        assert body["detail"] == "Nothing was written; retry shortly."
+        assert response.headers["Retry-After"] == "5"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    response = await logged_in.post("/api", json={"documentName": "b"})
+    assert response.status == 200, await response.text()
+    documents_rows, events = await rows(engine)
+    assert [d.document_name for d in documents_rows] == ["b"]
+    assert len(events) == 1
