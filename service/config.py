@@ -57,6 +57,7 @@ class Settings:
     port: int = 8080
     max_body_bytes: int = 256 * KIB
     max_event_bytes: int = 256 * KIB
+    body_timeout_seconds: float = 30.0
     # Requests waiting for the group-commit writer; past it, 503 at once.
     write_queue_limit: int = 4096
     write_batch_limit: int = 512
@@ -113,6 +114,7 @@ class Settings:
             port=_int(env, "PORT", 8080, 0, 65535),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 256 * KIB, 1024),
             max_event_bytes=_int(env, "MAX_EVENT_BYTES", 256 * KIB, 1024),
+            body_timeout_seconds=_float(env, "BODY_TIMEOUT_SECONDS", 30.0, 0.01),
             write_queue_limit=_int(env, "WRITE_QUEUE_LIMIT", 4096, 1),
             write_batch_limit=_int(env, "WRITE_BATCH_LIMIT", 512, 1),
             worker_batch_size=_int(env, "WORKER_BATCH_SIZE", 1000, 1),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
 
 from aiohttp import web
 
+from ..keys import SETTINGS
 from .problems import Problem
 
 
@@ -15,10 +17,23 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
     _require_json_content_type(request)
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
+    settings = request.app.get(SETTINGS)
+    timeout = settings.body_timeout_seconds if settings is not None else 30.0
     try:
-        raw = await request.read()
+        # A client that sends its body a byte at a time must not hold a
+        # connection (and a place in the queue) for ever.
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(max_bytes) from None
+    except TimeoutError:
+        raise Problem(
+            408,
+            "request_timeout",
+            "The body did not arrive in time",
+            f"The request body took longer than {timeout:g} seconds to arrive.",
+            close=True,
+        ) from None
     if len(raw) > max_bytes:
         raise _too_large(max_bytes)
     return parse_json_object(raw)

@@ -44,6 +44,7 @@ _BAD_BODY = _problem(
     "invalid_body",
     "invalid_field",
 )
+_SLOW_BODY = _problem("The body did not arrive in time", "request_timeout")
 _NOT_JSON = _problem("Not a JSON content type", "unsupported_media_type")
 _TOO_LARGE = _problem("The body is too large", "payload_too_large", "event_too_large")
 _SESSION = [{"session": []}]
@@ -241,6 +242,7 @@ SPEC: dict[str, Any] = {
                     ),
                     "401": _UNAUTHENTICATED,
                     "403": _CROSS_SITE,
+                    "408": _SLOW_BODY,
                     "413": _TOO_LARGE,
                     "415": _NOT_JSON,
                     "422": _problem("Idempotency key reused", "idempotency_key_reused"),

@@ -23,6 +23,7 @@ class Problem(Exception):
         detail: str | None = None,
         *,
         headers: dict[str, str] | None = None,
+        close: bool = False,
         **extra: Any,
     ) -> None:
         super().__init__(code)
@@ -31,6 +32,7 @@ class Problem(Exception):
         self.title = title
         self.detail = detail
         self.headers = headers or {}
+        self.close = close  # end the connection after the answer (its stream is unusable)
         self.extra = extra
 
     def response(self, instance: str | None = None) -> web.Response:
@@ -45,12 +47,15 @@ class Problem(Exception):
         if instance:
             body["instance"] = instance
         body.update(self.extra)
-        return web.Response(
+        response = web.Response(
             status=self.status,
             text=json.dumps(body, ensure_ascii=False),
             content_type=CONTENT_TYPE,
             headers=self.headers,
         )
+        if self.close:
+            response.force_close()
+        return response
 
 
 def invalid_field(field: str, rule: str, detail: str) -> Problem:
