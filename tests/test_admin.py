@@ -370,8 +370,13 @@ async def test_metrics(
     assert metric(text, "inngest_outbox_deliveries_total") == 2
     assert metric(text, "inngest_outbox_failures_total") == 1
     assert metric(text, "inngest_outbox_retries_total") >= 1
-    assert metric(text, "inngest_outbox_send_duration_seconds_count", outcome="transient") == 1
-    assert metric(text, "inngest_outbox_send_duration_seconds_count", outcome="accepted") >= 1
+    # How the sends split between outcomes depends on how the rows were batched
+    # (the refused event may travel with the others, then its 400 accepts them).
+    sends = "inngest_outbox_send_duration_seconds_count"
+    kinds = ("accepted", "rejected", "transient")
+    outcomes = {o: metric(text, sends, outcome=o) or 0 for o in kinds}
+    assert outcomes["transient"] == 1
+    assert sum(outcomes.values()) == inngest.request_count
     assert metric(text, "inngest_outbox_oldest_pending_age_seconds") >= 3600
 
 
