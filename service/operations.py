@@ -326,11 +326,6 @@ async def list_events(
     return Page(events, events[-1].id if len(rows) > limit else None)
 
 
-async def count_events(db: Database, where: Filter) -> int:
-    async with db.engine.connect() as conn:
-        return int(await conn.scalar(sa.select(sa.func.count()).where(*where.conditions())) or 0)
-
-
 @dataclass(frozen=True, slots=True)
 class HistoryItem:
     at: datetime
@@ -487,7 +482,7 @@ async def replay(
                 if status in outbox.REPLAYABLE:
                     result.would_replay.append(event_id)
                 else:
-                    result.skipped[event_id] = _skip_reason(status)
+                    result.skipped[event_id] = outbox.skip_reason(status)
         else:
             moved, skipped = await db.write(
                 lambda conn, ids=batch: outbox.replay(
@@ -539,10 +534,6 @@ async def _statuses(db: Database, ids: Sequence[str]) -> dict[str, str]:
             sa.select(outbox_table.c.id, outbox_table.c.status).where(outbox_table.c.id.in_(ids))
         )
         return {row.id: row.status for row in rows}
-
-
-def _skip_reason(status: str | None) -> str:
-    return f"{status}: already on its way" if status else "not found"
 
 
 @dataclass(frozen=True, slots=True)

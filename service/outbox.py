@@ -458,31 +458,27 @@ async def purge_delivered(db: Database, *, before: datetime, batch: int) -> int:
     rows leave the outbox by delivery or by an operator's hand. Small batches
     keep each transaction (and, on PostgreSQL, its locks) short.
     """
-    oldest = (
-        sa.select(outbox.c.id)
-        .where(outbox.c.status == OutboxStatus.DELIVERED, outbox.c.delivered_at < before)
-        .order_by(outbox.c.delivered_at)
-        .limit(batch)
-        .with_for_update(skip_locked=True)
-    )
-    statement = outbox.delete().where(
-        outbox.c.id.in_(oldest.scalar_subquery()), outbox.c.status == OutboxStatus.DELIVERED
-    )
-    return await db.write(lambda conn: conn.execute(statement).rowcount)
+    return await _purge(db, OutboxStatus.DELIVERED, outbox.c.delivered_at, before, batch)
 
 
 async def purge_failed(db: Database, *, before: datetime, batch: int) -> int:
     """Delete up to ``batch`` failed rows created before ``before``: only ever an
     operator's explicit purge, never retention."""
+    return await _purge(db, OutboxStatus.FAILED, outbox.c.created_at, before, batch)
+
+
+async def _purge(
+    db: Database, status: OutboxStatus, age: sa.Column[Any], before: datetime, batch: int
+) -> int:
     oldest = (
         sa.select(outbox.c.id)
-        .where(outbox.c.status == OutboxStatus.FAILED, outbox.c.created_at < before)
-        .order_by(outbox.c.created_at)
+        .where(outbox.c.status == status, age < before)
+        .order_by(age)
         .limit(batch)
         .with_for_update(skip_locked=True)
     )
     statement = outbox.delete().where(
-        outbox.c.id.in_(oldest.scalar_subquery()), outbox.c.status == OutboxStatus.FAILED
+        outbox.c.id.in_(oldest.scalar_subquery()), outbox.c.status == status
     )
     return await db.write(lambda conn: conn.execute(statement).rowcount)
 
@@ -560,10 +556,10 @@ def replay(
     for event_id in ids:
         row = found.get(event_id)
         if row is None:
-            skipped[event_id] = "not found"
+            skipped[event_id] = skip_reason(None)
             continue
         if row.status not in REPLAYABLE:
-            skipped[event_id] = f"{row.status}: already on its way"
+            skipped[event_id] = skip_reason(row.status)
             continue
         params: dict[str, Any] = {"old_id": event_id, "now": now}
         statement = _REPLAY
@@ -595,6 +591,11 @@ def replay(
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(NOTIFY_SQL)  # delivered at commit: other hosts' workers wake
     return moved, skipped
+
+
+def skip_reason(status: str | None) -> str:
+    """Why a replay leaves a row alone: it does not exist, or it is not replayable."""
+    return f"{status}: already on its way" if status else "not found"
 
 
 def _dumps_event(event: dict[str, Any]) -> str:

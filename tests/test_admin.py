@@ -26,6 +26,7 @@ from tests.conftest import PASSWORD
 from tests.fakes.inngest import Fault, StandIn
 from tests.test_api import problem
 from tests.test_delivery import enqueue, make_worker
+from tests.test_operations import fail_for_good
 
 ADMIN = "root"
 
@@ -45,16 +46,6 @@ async def admin(aiohttp_client, settings: Settings, admin_user: auth.User) -> Te
     client = await aiohttp_client(create_app(settings))
     await log_in(client, ADMIN)
     return client
-
-
-async def refused_events(
-    db: Database, settings: Settings, http: Any, inngest: StandIn, count: int
-) -> list[str]:
-    ids = await enqueue(db, count)
-    inngest.poison_ids |= set(ids)
-    await make_worker(db, settings, http).drain_once()
-    inngest.poison_ids -= set(ids)
-    return ids
 
 
 ADMIN_ROUTES = [
@@ -102,7 +93,7 @@ async def test_taking_the_flag_away_works_at_once(
 async def test_stats(
     admin: TestClient, db: Database, delivery_settings: Settings, http, inngest: StandIn
 ) -> None:
-    await refused_events(db, delivery_settings, http, inngest, 2)
+    await fail_for_good(db, delivery_settings, http, inngest, 2)
     await enqueue(db, 3)
     response = await admin.get("/admin/api/stats")
     assert response.status == 200
@@ -169,7 +160,7 @@ async def test_a_bad_query_is_400(admin: TestClient, query: str, detail: str) ->
 async def test_one_event_with_its_history(
     admin: TestClient, db: Database, delivery_settings: Settings, http, inngest: StandIn
 ) -> None:
-    [event_id] = await refused_events(db, delivery_settings, http, inngest, 1)
+    [event_id] = await fail_for_good(db, delivery_settings, http, inngest, 1)
     body = await (await admin.get(f"/admin/api/events/{event_id}")).json()
     assert body["id"] == event_id and body["status"] == "failed"
     assert body["event"]["id"] == event_id
@@ -187,7 +178,7 @@ async def test_replay_by_ids_and_by_filter_wakes_the_worker(
     http,
     inngest: StandIn,
 ) -> None:
-    failed = await refused_events(db, delivery_settings, http, inngest, 3)
+    failed = await fail_for_good(db, delivery_settings, http, inngest, 3)
     client = await aiohttp_client(create_app(delivery_settings.replace(run_worker=True)))
     await log_in(client, ADMIN)
 
@@ -275,7 +266,7 @@ async def test_the_page_is_403_for_users_without_the_flag(logged_in: TestClient)
 async def test_the_page_shows_stats_chart_and_failed_events(
     admin: TestClient, db: Database, delivery_settings: Settings, http, inngest: StandIn
 ) -> None:
-    failed = await refused_events(db, delivery_settings, http, inngest, 2)
+    failed = await fail_for_good(db, delivery_settings, http, inngest, 2)
     await enqueue(db, 1)
     response = await admin.get("/admin")
     assert response.status == 200

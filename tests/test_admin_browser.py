@@ -19,7 +19,8 @@ from service.db import Database
 from tests.conftest import PASSWORD
 from tests.fakes.inngest import StandIn
 from tests.support.service import poll_until
-from tests.test_delivery import enqueue, make_worker, states
+from tests.test_delivery import states
+from tests.test_operations import fail_for_good
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # The flags that keep Chromium off the network it cannot reach here, and out of
@@ -66,10 +67,7 @@ async def test_log_in_list_and_replay(
     inngest: StandIn,
 ) -> None:
     await auth.create_user(db, "root", PASSWORD, is_admin=True)
-    failed = await enqueue(db, 3)
-    inngest.poison_ids |= set(failed)
-    await make_worker(db, delivery_settings, http).drain_once()
-    inngest.poison_ids.clear()
+    failed = await fail_for_good(db, delivery_settings, http, inngest, 3)
     server = await aiohttp_server(create_app(delivery_settings.replace(run_worker=True)))
     base = f"http://127.0.0.1:{server.port}"
 

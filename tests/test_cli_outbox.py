@@ -17,6 +17,7 @@ from service.db import Database
 from tests.fakes.inngest import StandIn
 from tests.support.service import ServiceProcess, base_env, poll_until, run_cli
 from tests.test_delivery import enqueue, make_worker, states
+from tests.test_operations import fail_for_good
 from tests.test_worker_process import env as process_env  # noqa: F401 (fixture)
 from tests.test_worker_process import post_documents, rows
 
@@ -43,10 +44,7 @@ async def test_status_list_show_replay_and_purge(
     http,
     inngest: StandIn,
 ) -> None:
-    failed = await enqueue(db, 2)
-    inngest.poison_ids |= set(failed)
-    await make_worker(db, delivery_settings, http).drain_once()
-    inngest.poison_ids.clear()
+    failed = await fail_for_good(db, delivery_settings, http, inngest, 2)
     delivered = await enqueue(db, 3)
     await make_worker(db, delivery_settings, http).drain_once()
     [pending] = await enqueue(db, 1)
