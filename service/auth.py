@@ -249,6 +249,10 @@ async def session_of(
     return sid, user
 
 
+# A verdict that never expires: this process saw the session's logout.
+_REVOKED = (math.inf, False)
+
+
 class SessionRegistry:
     """Server-side sessions: the cookie names a row, and logout revokes it.
 
@@ -261,6 +265,7 @@ class SessionRegistry:
         self._check_seconds = check_seconds
         self._cache_size = cache_size
         self._verdicts: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+        self._lookups: dict[str, asyncio.Future[bool]] = {}
 
     async def open(self, db: Database, user_id: int, max_age_seconds: int) -> str:
         session_id = secrets.token_urlsafe(32)
@@ -286,6 +291,19 @@ class SessionRegistry:
         hit = self._verdicts.get(session_id)
         if hit is not None and now < hit[0]:
             return hit[1]
+        # One query per session however many of its requests missed at once:
+        # a client's every connection misses in the same instant when its
+        # verdict expires, and a query each was a pile-up on the read pool
+        # (the service's p99). The query runs in a task of its own, so a
+        # cancelled request does not fail the others waiting on it.
+        lookup = self._lookups.get(session_id)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._look_up(db, session_id, user_id, now))
+            self._lookups[session_id] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(session_id, None))
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, db: Database, session_id: str, user_id: int, now: float) -> bool:
         async with db.engine.connect() as conn:
             columns = (sessions.c.user_id, sessions.c.expires_at, sessions.c.revoked_at)
             query = sa.select(*columns).where(sessions.c.id == session_id)
@@ -296,6 +314,8 @@ class SessionRegistry:
             and row.revoked_at is None
             and row.expires_at > datetime.now(UTC)
         )
+        if self._verdicts.get(session_id) == _REVOKED:
+            return False  # logged out here while the query ran (it may have read the row before)
         self._remember(session_id, now + self._check_seconds, valid)
         return valid
 
@@ -306,7 +326,7 @@ class SessionRegistry:
             .values(revoked_at=datetime.now(UTC))
         )
         await db.write(lambda conn: conn.execute(statement))
-        self._remember(session_id, float("inf"), False)
+        self._remember(session_id, *_REVOKED)
 
     def _remember(self, session_id: str, until: float, valid: bool) -> None:
         self._verdicts[session_id] = (until, valid)

@@ -54,7 +54,7 @@ def dumps(value: Any) -> str:
 
 def sqlite_time(value: datetime) -> str:
     """A UTC timestamp as SQLAlchemy stores it in SQLite (text that sorts in time order)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> AsyncEngine:
@@ -301,6 +301,11 @@ class SQLiteWriter:
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> None:
         """One transaction for the batch; each job in a savepoint of its own."""
+        if len(batch) == 1:
+            # Alone in its transaction, a job needs no savepoint: its failure
+            # rolls back the transaction, which held nothing else.
+            self._run_alone(conn, batch[0], outcomes)
+            return
         with conn.begin():
             for queued in batch:
                 savepoint = conn.begin_nested()
@@ -317,6 +322,31 @@ class SQLiteWriter:
                 else:
                     savepoint.commit()
                     outcomes.append((queued, result, None))
+
+
+    @staticmethod
+    def _run_alone(
+        conn: Connection,
+        queued: _Queued,
+        outcomes: list[tuple[_Queued, Any, BaseException | None]],
+    ) -> None:
+        failure: Exception | None = None
+        try:
+            with conn.begin():
+                try:
+                    result = queued.job(conn)
+                except Exception as exc:
+                    failure = exc
+                    raise
+        except Exception as exc:
+            if failure is None:
+                raise  # BEGIN or COMMIT failed: see _transact
+            if exc is not failure:
+                # The rollback failed too (disk full, I/O error): report the cause.
+                raise failure from exc
+            outcomes.append((queued, None, failure))
+            return
+        outcomes.append((queued, result, None))
 
 
 def _settle_threadsafe(outcomes: list[tuple[_Queued, Any, BaseException | None]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -315,6 +316,58 @@ async def test_a_logout_on_one_process_reaches_the_others(
     assert (await second.get("/auth/me")).status == 200
     assert (await first.post("/auth/logout")).status == 204
     assert (await second.get("/auth/me")).status == 401
+
+
+def count_session_reads(db: Database) -> list[str]:
+    """Every statement that reads the sessions table, as the engine runs it."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM sessions" in statement:
+            seen.append(statement)
+
+    sa.event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+    return seen
+
+
+async def test_requests_that_miss_at_once_share_one_session_query(
+    db: Database, user: auth.User
+) -> None:
+    """When a verdict expires, every connection of the client misses together."""
+    registry = auth.SessionRegistry(check_seconds=60)
+    sid = await registry.open(db, user.id, 3600)
+    reads = count_session_reads(db)
+    verdicts = await asyncio.gather(*(registry.is_valid(db, sid, user.id) for _ in range(50)))
+    assert verdicts == [True] * 50
+    assert len(reads) == 1
+    assert await registry.is_valid(db, sid, user.id) is True
+    assert len(reads) == 1  # and the verdict is remembered
+
+
+async def test_a_cancelled_request_does_not_fail_the_shared_session_query(
+    db: Database, user: auth.User
+) -> None:
+    registry = auth.SessionRegistry(check_seconds=60)
+    sid = await registry.open(db, user.id, 3600)
+    first = asyncio.ensure_future(registry.is_valid(db, sid, user.id))
+    second = asyncio.ensure_future(registry.is_valid(db, sid, user.id))
+    await asyncio.sleep(0)  # both are waiting on the one query
+    first.cancel()
+    assert await second is True
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_logout_during_a_session_query_wins(db: Database, user: auth.User) -> None:
+    """The query may have read the row before the logout wrote it: the logout's
+    verdict stands, and is not replaced by the query's."""
+    registry = auth.SessionRegistry(check_seconds=60)
+    sid = await registry.open(db, user.id, 3600)
+    lookup = asyncio.ensure_future(registry.is_valid(db, sid, user.id))
+    await asyncio.sleep(0)
+    await registry.revoke(db, sid)
+    await lookup  # whatever it read
+    assert await registry.is_valid(db, sid, user.id) is False
 
 
 async def test_a_cookie_without_a_session_row_is_refused(

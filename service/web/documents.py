@@ -171,10 +171,15 @@ def read_idempotency_key(request: web.Request) -> str | None:
     return key
 
 
+# One encoder for every event: json.dumps with options builds a new one per call.
+_EVENT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def serialize_event(event: dict[str, Any], limit: int) -> RawJSON:
+    text = _EVENT_ENCODER.encode(event)
     try:
-        text = json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        size = len(text.encode("utf-8"))
+        # ASCII text (most events) is its own UTF-8: no copy needed to measure it.
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise Problem(
             400,
