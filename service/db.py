@@ -323,7 +323,6 @@ class SQLiteWriter:
                     savepoint.commit()
                     outcomes.append((queued, result, None))
 
-
     @staticmethod
     def _run_alone(
         conn: Connection,
