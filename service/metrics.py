@@ -55,6 +55,11 @@ class Metrics:
         self.retries = Counter(
             f"{PREFIX}_retries", "Events this process's worker rescheduled", registry=r
         )
+        self.deferrals = Counter(
+            f"{PREFIX}_deferrals",
+            "Events this process's worker gave back unspent because Inngest was unavailable",
+            registry=r,
+        )
         self.send_seconds = Histogram(
             f"{PREFIX}_send_duration_seconds",
             "Time of one request to Inngest's event API, by outcome",

@@ -34,7 +34,7 @@ class HistoryKind(enum.StrEnum):
     RETRY = "retry"  # a send failed; the row went back to pending for a later attempt
     FAILED = "failed"  # the row went to failed (refused by Inngest, or out of attempts)
     DELIVERED = "delivered"  # delivered after earlier outcomes (a first-try delivery writes none)
-    HELD = "held"  # Inngest refused the event key: the row went back untouched
+    HELD = "held"  # not the row's fault (a refused key, Inngest unavailable): attempts unchanged
     REPLAYED = "replayed"  # an operator put the row back to pending
 
 
@@ -203,6 +203,17 @@ _RETRY = (
     .values(
         status=OutboxStatus.PENDING,
         attempts=sa.bindparam("attempt"),
+        available_at=sa.bindparam("available_at"),
+        last_error=sa.bindparam("error"),
+        last_status_code=sa.bindparam("status_code"),
+        **_CLEAR_LEASE,
+    )
+)
+_DEFERRED = (
+    outbox.update()
+    .where(_BY_LEASE)
+    .values(
+        status=OutboxStatus.PENDING,
         available_at=sa.bindparam("available_at"),
         last_error=sa.bindparam("error"),
         last_status_code=sa.bindparam("status_code"),
@@ -391,6 +402,25 @@ async def release(
 ) -> int:
     """sending -> pending, attempts unchanged: not sent (shutdown, or a bad event key)."""
     return await _update_leased(db, _RELEASED, ids, token, history)
+
+
+async def defer(
+    db: Database,
+    ids: Sequence[str],
+    token: str,
+    *,
+    until: datetime,
+    error: str,
+    status_code: int | None,
+    history: tuple[dict[str, int | None], HistoryEntry] | None = None,
+) -> int:
+    """sending -> pending at ``until``, attempts unchanged: Inngest was unavailable.
+
+    The error is recorded on the row, so an operator sees why it waits.
+    """
+    return await _update_leased(
+        db, _DEFERRED, ids, token, history, available_at=until, error=error, status_code=status_code
+    )
 
 
 async def schedule_retry(

@@ -21,6 +21,7 @@ from service.db import Database, RawJSON
 from service.delivery.worker import DeliveryWorker, split_for_request
 from service.ids import new_event_id
 from service.models import outbox as outbox_table
+from service.models import outbox_history
 from tests.fakes.inngest import Fault, StandIn
 from tests.support.net import free_port
 
@@ -261,7 +262,6 @@ async def test_no_transaction_is_held_while_a_request_is_in_flight(
     ("fault", "status", "error_start"),
     [
         (Fault.ERROR_500, 500, 'HTTP 500: {"status": 500, "error": "internal error"}'),
-        (Fault.ERROR_503, 503, "HTTP 503: "),
         (Fault.TEAPOT, 418, 'HTTP 418: {"status": 418, "error": "teapot"}'),
         (Fault.REDIRECT, 302, "HTTP 302: "),
         (Fault.GARBAGE_200, 200, "unexpected answer to 2 events: HTTP 200: <html>ok</html>"),
@@ -303,8 +303,9 @@ async def test_timeout_is_retried_and_resent_with_the_same_id(
     inngest.fail_next(Fault.SLOW)
     settings = delivery_settings.replace(inngest_timeout_seconds=0.2)
     stats = await make_worker(db, settings, http).drain_once()
-    assert stats.retried == 1
+    assert stats.deferred == 1
     row = (await states(engine))[event_id]
+    assert (row.status, row.attempts) == ("pending", 0)  # no answer: not the event's fault
     assert row.last_error == "timed out after 0.2s"
     assert row.last_status_code is None
     await make_worker(db, settings, http, clock=lambda: later(11)).drain_once()
@@ -321,8 +322,9 @@ async def test_connection_refused_is_retried_without_leaking_the_key(
         inngest_base_url=f"http://127.0.0.1:{free_port()}", inngest_event_key="sekrit-key-123"
     )
     stats = await make_worker(db, settings, http).drain_once()
-    assert stats.retried == 1
+    assert stats.deferred == 1
     row = (await states(engine))[event_id]
+    assert (row.status, row.attempts) == ("pending", 0)
     assert row.last_error.startswith("ClientConnectorError: Cannot connect to host 127.0.0.1")
     assert "sekrit-key-123" not in row.last_error
 
@@ -333,8 +335,9 @@ async def test_dropped_connection_is_retried(
     [event_id] = await enqueue(db, 1)
     inngest.fail_next(Fault.DROP)
     stats = await make_worker(db, delivery_settings, http).drain_once()
-    assert stats.retried == 1
+    assert stats.deferred == 1
     row = (await states(engine))[event_id]
+    assert (row.status, row.attempts) == ("pending", 0)
     assert row.last_error.startswith(("ServerDisconnectedError", "ClientOSError"))
 
 
@@ -347,11 +350,60 @@ async def test_429_honours_retry_after_and_pauses_the_worker(
     worker = make_worker(db, delivery_settings, http)
     before = datetime.now(UTC)
     stats = await worker.drain_once()
-    assert stats.retried == 2
+    assert stats.deferred == 2
     for row in (await states(engine)).values():
-        assert row.last_status_code == 429
+        assert (row.status, row.attempts, row.last_status_code) == ("pending", 0, 429)
         assert row.available_at >= before + timedelta(seconds=7)
     assert worker._is_paused()
+
+
+@pytest.mark.parametrize("fault", [Fault.ERROR_503, Fault.DROP, Fault.RATE_LIMIT])
+async def test_an_outage_spends_no_attempts_however_long_it_lasts(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http, fault
+) -> None:
+    """Inngest unavailable for far longer than the retry budget: the events wait
+    (pending, attempts 0), the worker backs off as a whole, one probe per pause,
+    and delivers them all once Inngest is back."""
+    ids = await enqueue(db, 3)
+    settings = delivery_settings.replace(
+        retry_max_attempts=2, retry_base_seconds=1, retry_cap_seconds=8
+    )
+    inngest.retry_after = None
+    outage = 30  # fifteen times the attempts a row may spend
+    inngest.fail_next(fault, times=outage)
+    now = datetime.now(UTC)
+    worker = make_worker(db, settings, http, clock=lambda: now)
+    pauses = []
+    for _ in range(outage):
+        stats = await worker.drain_once()  # one request: the worker pauses after it
+        assert worker.health.inngest_available is False
+        assert worker.health.can_send is True  # the key is fine
+        pause = (worker._paused_until - now).total_seconds()
+        pauses.append(pause)
+        now += timedelta(seconds=pause)
+        rows = (await states(engine)).values()
+        assert {(r.status, r.attempts) for r in rows} == {("pending", 0)}
+    assert len(inngest.requests) == outage  # one request per pause, not one per row
+    assert stats.deferred == 3 * outage and stats.failed == stats.retried == 0
+    # Exponential, half fixed and half jitter, up to the cap.
+    assert 0.5 <= pauses[0] <= 1 and 1 <= pauses[1] <= 2 and 2 <= pauses[2] <= 4
+    assert all(4 <= p <= 8 for p in pauses[4:])
+    async with engine.connect() as conn:
+        history = (
+            await conn.execute(
+                sa.select(outbox_history.c.kind, outbox_history.c.status_code)
+                .where(outbox_history.c.event_id == ids[0])
+                .order_by(outbox_history.c.id)
+            )
+        ).all()
+    assert len(history) == outbox.HISTORY_LIMIT  # bounded, the newest kept
+    assert {kind for kind, _ in history} == {"held"}
+    assert history[-1].status_code == (None if fault is Fault.DROP else int(fault.value))
+
+    stats = await worker.drain_once()  # Inngest is back
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+    assert worker.health.inngest_available is True
+    assert {r.status for r in (await states(engine)).values()} == {"delivered"}
 
 
 async def test_out_of_attempts_is_failed(

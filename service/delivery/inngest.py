@@ -53,14 +53,28 @@ class KeyRejected:
 
 @dataclass(frozen=True, slots=True)
 class Transient:
-    """Retry later: 429, 5xx, timeouts, connection errors, and unexpected answers."""
+    """Retry later, counting an attempt: 500 and other 5xx, unexpected answers."""
 
     status: int | None
     error: str
     retry_after: float | None = None
 
 
-Outcome = Accepted | Rejected | TooLarge | KeyRejected | Transient
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Inngest is down, overloaded or unreachable: no answer (refused, reset,
+    timed out), 502, 503, 504 or 429. Not the events' fault: they wait without
+    spending attempts, however long it lasts."""
+
+    status: int | None
+    error: str
+    retry_after: float | None = None
+
+
+Outcome = Accepted | Rejected | TooLarge | KeyRejected | Transient | Unavailable
+
+# Answers that say "not now" about the endpoint, not about the events.
+UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class InngestClient:
@@ -101,13 +115,13 @@ class InngestClient:
                     response.status, text, len(payloads), response.headers.get("Retry-After")
                 )
         except TimeoutError:
-            return Transient(None, f"timed out after {self._timeout_seconds:g}s")
+            return Unavailable(None, f"timed out after {self._timeout_seconds:g}s")
         except aiohttp.ClientError as exc:
-            return Transient(None, self.redact(f"{type(exc).__name__}: {exc}"))
+            return Unavailable(None, self.redact(f"{type(exc).__name__}: {exc}"))
         except asyncio.CancelledError:
             raise
         except OSError as exc:
-            return Transient(None, self.redact(f"{type(exc).__name__}: {exc}"))
+            return Unavailable(None, self.redact(f"{type(exc).__name__}: {exc}"))
 
     def _classify(self, status: int, text: str, count: int, retry_after: str | None) -> Outcome:
         recorded = self.redact(f"HTTP {status}: {text[:MAX_RECORDED_BODY]}")
@@ -127,7 +141,11 @@ class InngestClient:
             return TooLarge(recorded)
         if status in (401, 403, 404):
             return KeyRejected(status, recorded)
-        if status == 429 or status >= 500:
+        if status in UNAVAILABLE_STATUSES:
+            return Unavailable(
+                status, recorded, parse_retry_after(retry_after, now=datetime.now(UTC))
+            )
+        if status >= 500:
             return Transient(
                 status, recorded, parse_retry_after(retry_after, now=datetime.now(UTC))
             )

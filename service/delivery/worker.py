@@ -26,7 +26,16 @@ from ..db import Database
 from ..metrics import Metrics
 from ..outbox import ClaimedEvent
 from . import backoff
-from .inngest import Accepted, InngestClient, KeyRejected, Outcome, Rejected, TooLarge, Transient
+from .inngest import (
+    Accepted,
+    InngestClient,
+    KeyRejected,
+    Outcome,
+    Rejected,
+    TooLarge,
+    Transient,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +62,16 @@ class WorkerStats:
     lost_leases: int = 0
     requests: int = 0
     purged: int = 0
+    deferred: int = 0  # given back unspent: Inngest was unavailable
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerHealth:
     running: bool
-    can_send: bool
+    can_send: bool  # False: Inngest refused the event key (a configuration error)
     detail: str
+    # False while Inngest is unavailable: events wait for it, nothing is spent.
+    inngest_available: bool = True
 
 
 @dataclass(slots=True)
@@ -96,6 +108,7 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused_until: datetime | None = None
         self._key_failures = 0
+        self._outage_failures = 0  # sends in a row that found Inngest unavailable
         self._running = False
         self._run_exited = asyncio.Event()
         self._can_send = True
@@ -110,7 +123,9 @@ class DeliveryWorker:
 
     @property
     def health(self) -> WorkerHealth:
-        return WorkerHealth(self._running, self._can_send, self._health_detail)
+        return WorkerHealth(
+            self._running, self._can_send, self._health_detail, self._outage_failures == 0
+        )
 
     async def run(self) -> None:
         """Claim and deliver until ``stop()``."""
@@ -348,6 +363,8 @@ class DeliveryWorker:
                 for event in events:
                     lease.unsent.setdefault(event.id, event)
                 await self._release(lease, held=(status, error, [e.id for e in events]))
+            case Unavailable(status=status, error=error, retry_after=retry_after):
+                await self._defer(lease, events, error, status, retry_after)
             case Transient(status=status, error=error, retry_after=retry_after):
                 await self._retry(lease, events, error, status, retry_after)
 
@@ -396,6 +413,50 @@ class DeliveryWorker:
         self.stats.delivered += marked
         self._count("deliveries", marked)
         self._count_lost(len(events) - marked)
+
+    async def _defer(
+        self,
+        lease: _Lease,
+        events: Sequence[ClaimedEvent],
+        error: str,
+        status: int | None,
+        retry_after: float | None,
+    ) -> None:
+        """Inngest is unavailable: hold every send, and give the rows back to wait.
+
+        An outage of hours must not turn accepted events into failed ones, so
+        nothing counts an attempt here; instead the whole worker backs off, one
+        probe per pause (exponential, with jitter, up to RETRY_CAP_SECONDS).
+        """
+        self._forget(lease, events)
+        lease.returned = True
+        self._outage_failures += 1
+        ceiling = min(
+            self._settings.retry_cap_seconds,
+            self._settings.retry_base_seconds * 2 ** min(self._outage_failures - 1, 62),
+        )
+        # Half fixed, half jitter: a pause near zero would make the probes a storm.
+        wait = max(ceiling / 2 + self._rng.uniform(0, ceiling / 2), retry_after or 0.0)
+        until = self._clock() + timedelta(seconds=wait)
+        deferred = await outbox.defer(
+            self._db,
+            [e.id for e in events],
+            lease.token,
+            until=until,
+            error=error,
+            status_code=status,
+            history=(
+                {e.id: None for e in events},
+                self._entry(outbox.HistoryKind.HELD, status, error),
+            ),
+        )
+        self.stats.deferred += deferred
+        self._count("deferrals", deferred)
+        self._count_lost(len(events) - deferred)
+        if self._outage_failures == 1:
+            log.warning("Inngest is unavailable (%s); holding sends, events wait", error)
+        self._health_detail = f"Inngest unavailable: {error}"
+        self._pause_for(wait)
 
     async def _retry(
         self,
@@ -468,9 +529,10 @@ class DeliveryWorker:
             log.warning("%d rows were no longer leased to %s; left as they are", lost, self.owner)
 
     def _send_succeeded(self) -> None:
-        if not self._can_send:
+        if not self._can_send or self._outage_failures:
             log.info("Inngest accepts events again")
         self._key_failures = 0
+        self._outage_failures = 0
         self._can_send = True
         self._health_detail = "last send accepted"
 
