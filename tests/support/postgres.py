@@ -32,6 +32,7 @@ class PostgresServer:
     user: str
     process: subprocess.Popen[bytes] | None = None
     data_dir: Path | None = None
+    command: list[str] | None = None  # how it was started, to start it again
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+asyncpg://{self.user}@{self.host}:{self.port}/{database}"
@@ -48,6 +49,36 @@ class PostgresServer:
              "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-qc", sql],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
+
+    def halt(self) -> None:
+        """Shut the server down as an outage would (fast: connections are cut),
+        keeping its data for ``resume``."""
+        assert self.process is not None and self.data_dir is not None, "only one we started"
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(
+            [*as_user, _binary("pg_ctl"), "stop", "-D", str(self.data_dir / "data"), "-m", "fast"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        self.process.wait(timeout=30)
+
+    def resume(self) -> None:
+        assert self.command is not None
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.host, self.port, timeout=60, process=self.process)
+        self._wait_for_logins()
+
+    def _wait_for_logins(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:  # accepting connections is not yet accepting logins
+            try:
+                self.psql("SELECT 1")
+                return
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -89,26 +120,17 @@ def start_postgres(*, durable: bool = False) -> PostgresServer:
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     port = free_port()
-    process = subprocess.Popen(
-        [*as_user, f"{bin_dir}/postgres", "-D", str(data_dir / "data"), "-p", str(port),
+    command = [*as_user, f"{bin_dir}/postgres", "-D", str(data_dir / "data"), "-p", str(port),
          "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data_dir}",
          *([] if durable else
            # Tests want speed, not crash safety of the throwaway cluster.
            ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
-         "-c", "max_connections=200"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+         "-c", "max_connections=200"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port("127.0.0.1", port, timeout=60, process=process)
-    server = PostgresServer("127.0.0.1", port, "postgres", process, data_dir)
-    deadline = time.monotonic() + 30
-    while True:  # accepting connections is not yet accepting logins
-        try:
-            server.psql("SELECT 1")
-            return server
-        except subprocess.CalledProcessError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    server = PostgresServer("127.0.0.1", port, "postgres", process, data_dir, command)
+    server._wait_for_logins()
+    return server
 
 
 def connect_or_start() -> PostgresServer:

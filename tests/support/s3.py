@@ -76,6 +76,12 @@ class MotoS3:
             UserName=self._users[keys.access_key_id], PolicyName="all", PolicyDocument=ALLOW_ALL
         )
 
+    def revoke(self, keys: Keys) -> None:
+        """Take the user's permissions away, as an administrator revoking access would."""
+        self.client("iam").delete_user_policy(
+            UserName=self._users[keys.access_key_id], PolicyName="all"
+        )
+
     @property
     def _users(self) -> dict[str, str]:
         if not hasattr(self, "_user_names"):
