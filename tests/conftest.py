@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
+from argon2 import PasswordHasher
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import auth, migrate
@@ -25,6 +26,27 @@ from tests.support.service import PASSWORD as SERVICE_PASSWORD
 from tests.support.service import USER, base_env, run_cli
 
 PASSWORD = "correct horse battery staple"
+# argon2id at its lowest cost: hashing with the library's defaults takes ~0.13 s
+# a time, twice per test that logs in (add the user, log in), which was a
+# third of the suite's time. Tests marked real_password_hashing, and every
+# service process the tests start, use the real cost.
+FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("real_password_hashing") is None:
+        monkeypatch.setattr(auth, "_hasher", lambda: FAST_HASHER)
+
+
+@pytest.fixture(autouse=True)
+def _forget_apps() -> Iterator[None]:
+    """aiohttp caches each (handler, app) pair's middleware chain in a module-level
+    LRU of 1024 entries, which keeps every test's app alive, and with it its
+    engines, threads and boto3 client: gigabytes over the suite, and collector
+    pauses of seconds. A service has one app; the suite makes hundreds."""
+    yield
+    aiohttp.web_app._cached_build_middleware.cache_clear()
 
 
 @pytest.fixture(scope="session")

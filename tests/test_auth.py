@@ -205,6 +205,7 @@ class TestCookiesThatAreNotAccepted:
         assert (await client.get("/auth/me")).status == 401  # ...and age alone refuses it
 
 
+@pytest.mark.real_password_hashing
 async def test_outdated_hash_is_upgraded_on_login(
     client: TestClient, engine: AsyncEngine, user: auth.User
 ) -> None:
@@ -218,6 +219,7 @@ async def test_outdated_hash_is_upgraded_on_login(
     assert not PasswordHasher().check_needs_rehash(stored)
 
 
+@pytest.mark.real_password_hashing
 async def test_passwords_are_stored_as_argon2id(engine: AsyncEngine, user: auth.User) -> None:
     async with engine.connect() as conn:
         stored = await conn.scalar(sa.select(users.c.password_hash))
@@ -258,6 +260,7 @@ async def test_login_is_503_when_too_many_password_checks_wait(
     assert body["code"] == "login_busy"
 
 
+@pytest.mark.real_password_hashing
 async def test_password_checks_run_a_few_at_a_time(user: auth.User) -> None:
     import asyncio
 
