@@ -148,6 +148,10 @@ async def _serve(settings: Settings) -> int:
         create_app(settings),
         handle_signals=False,
         shutdown_timeout=10,
+        # aiohttp has no timer of its own for a request head that trickles in:
+        # its keep-alive timer, armed when a connection opens and after every
+        # answer, closes a connection still waiting for a whole request.
+        keepalive_timeout=settings.header_timeout_seconds,
         access_log=web_log_access_logger() if settings.access_log else None,
         access_log_class=RequestIdAccessLogger,
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -74,3 +75,41 @@ async def test_malformed_http_is_a_problem_and_writes_nothing(
     assert "Traceback" not in log
     assert log.count("refused a malformed request from 127.0.0.1") == len(cases)
     assert await query(env, "SELECT count(*) FROM documents") == [(0,)]
+
+
+async def test_a_request_head_that_trickles_in_is_cut_off(
+    tmp_path: Path, service_env: dict[str, str]
+) -> None:
+    """Slowloris: a byte of the headers every tenth of a second would hold the
+    connection for ever; past HEADER_TIMEOUT_SECONDS it is closed unanswered.
+    An idle connection is closed too, and the service answers others meanwhile."""
+    env = {**service_env, "HEADER_TIMEOUT_SECONDS": "1"}
+    service = await ServiceProcess(["serve", "--no-worker"], env=env, cwd=tmp_path).started()
+    head = b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + b"X: y\r\n" * 50
+    try:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", service.port)
+        started = loop.time()
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while not reader.at_eof() and sent < len(head):
+                writer.write(head[sent : sent + 1])
+                await writer.drain()
+                sent += 1
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        assert await reader.read() == b""  # closed, and nothing answered
+        elapsed = loop.time() - started
+        assert sent < len(head), "the whole head went through"
+        assert 1 <= elapsed < 5
+        async with asyncio.timeout(5):
+            assert await idle_reader.read() == b""  # sent nothing at all: closed as well
+        writer.close()
+        idle_writer.close()
+        line, _, _ = await exchange(
+            service.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert line == "HTTP/1.1 200 OK"
+    finally:
+        assert service.stop() == 0
