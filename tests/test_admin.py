@@ -327,7 +327,7 @@ async def test_metrics(
         inngest_base_url=delivery_settings.inngest_base_url,
         inngest_event_key=delivery_settings.inngest_event_key,
     )
-    inngest.fail_next(Fault.ERROR_503)  # the first send is retried
+    inngest.fail_next(Fault.ERROR_500)  # the first send is retried
 
     def refuse_bad(events: list[dict[str, Any]]) -> None:
         inngest.poison_ids.update(e["id"] for e in events if e["data"]["documentName"] == "bad")

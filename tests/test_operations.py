@@ -61,7 +61,8 @@ async def test_history_tells_the_story_of_retries_then_delivery(
     db: Database, engine: AsyncEngine, delivery_settings: Settings, http, inngest: StandIn
 ) -> None:
     [event_id] = await enqueue(db, 1)
-    inngest.fail_next(Fault.ERROR_503, times=2)
+    inngest.fail_next(Fault.ERROR_500)  # an attempt spent
+    inngest.fail_next(Fault.ERROR_503)  # Inngest unavailable: held, nothing spent
     worker = make_worker(db, delivery_settings, http, owner="w-1")
     await worker.drain_once()
     worker = make_worker(db, delivery_settings, http, owner="w-2", clock=lambda: later(11))
@@ -70,17 +71,17 @@ async def test_history_tells_the_story_of_retries_then_delivery(
     await worker.drain_once()
     assert await history(engine, event_id) == [
         ("retry", 1, "w-1"),
-        ("retry", 2, "w-2"),
-        ("delivered", 3, "w-3"),
+        ("held", None, "w-2"),
+        ("delivered", 2, "w-3"),
     ]
     detail = await operations.get_event(db, event_id)
     assert detail is not None
     assert [(h.kind, h.status_code) for h in detail.history] == [
-        ("retry", 503),
-        ("retry", 503),
+        ("retry", 500),
+        ("held", 503),
         ("delivered", 200),
     ]
-    assert detail.history[0].error is not None and "503" in detail.history[0].error
+    assert detail.history[0].error is not None and "500" in detail.history[0].error
     assert detail.status == "delivered"
     assert detail.event["id"] == event_id
 
