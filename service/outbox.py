@@ -197,29 +197,18 @@ _FAILED = (
     )
 )
 _RELEASED = outbox.update().where(_BY_LEASE).values(status=OutboxStatus.PENDING, **_CLEAR_LEASE)
-_RETRY = (
-    outbox.update()
-    .where(_BY_LEASE)
-    .values(
-        status=OutboxStatus.PENDING,
-        attempts=sa.bindparam("attempt"),
-        available_at=sa.bindparam("available_at"),
-        last_error=sa.bindparam("error"),
-        last_status_code=sa.bindparam("status_code"),
-        **_CLEAR_LEASE,
-    )
+# Back to pending, due at available_at, with what went wrong recorded.
+_BACK_TO_PENDING: dict[str, Any] = {
+    "status": OutboxStatus.PENDING,
+    "available_at": sa.bindparam("available_at"),
+    "last_error": sa.bindparam("error"),
+    "last_status_code": sa.bindparam("status_code"),
+    **_CLEAR_LEASE,
+}
+_RETRY = (  # an attempt spent
+    outbox.update().where(_BY_LEASE).values(attempts=sa.bindparam("attempt"), **_BACK_TO_PENDING)
 )
-_DEFERRED = (
-    outbox.update()
-    .where(_BY_LEASE)
-    .values(
-        status=OutboxStatus.PENDING,
-        available_at=sa.bindparam("available_at"),
-        last_error=sa.bindparam("error"),
-        last_status_code=sa.bindparam("status_code"),
-        **_CLEAR_LEASE,
-    )
-)
+_DEFERRED = outbox.update().where(_BY_LEASE).values(**_BACK_TO_PENDING)  # none spent
 _EXHAUSTED = (
     outbox.update()
     .where(_BY_LEASE)
