@@ -304,10 +304,7 @@ class SessionRegistry:
         return await asyncio.shield(lookup)
 
     async def _look_up(self, db: Database, session_id: str, user_id: int, now: float) -> bool:
-        async with db.engine.connect() as conn:
-            columns = (sessions.c.user_id, sessions.c.expires_at, sessions.c.revoked_at)
-            query = sa.select(*columns).where(sessions.c.id == session_id)
-            row = (await conn.execute(query)).first()
+        row = await self._read_row(db, session_id)
         valid = (
             row is not None
             and row.user_id == user_id
@@ -318,6 +315,13 @@ class SessionRegistry:
             return False  # logged out here while the query ran (it may have read the row before)
         self._remember(session_id, now + self._check_seconds, valid)
         return valid
+
+    @staticmethod
+    async def _read_row(db: Database, session_id: str) -> Any:
+        async with db.engine.connect() as conn:
+            columns = (sessions.c.user_id, sessions.c.expires_at, sessions.c.revoked_at)
+            query = sa.select(*columns).where(sessions.c.id == session_id)
+            return (await conn.execute(query)).first()
 
     async def revoke(self, db: Database, session_id: str) -> None:
         statement = (

@@ -60,7 +60,7 @@ class Settings:
     body_timeout_seconds: float = 30.0
     # An idle connection, or one whose request head has not fully arrived, is
     # closed after this long (aiohttp's keep-alive timer bounds both).
-    header_timeout_seconds: float = 15.0
+    header_timeout_seconds: float = 75.0
     # Requests waiting for the group-commit writer; past it, 503 at once.
     write_queue_limit: int = 4096
     write_batch_limit: int = 512
@@ -118,7 +118,7 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 256 * KIB, 1024),
             max_event_bytes=_int(env, "MAX_EVENT_BYTES", 256 * KIB, 1024),
             body_timeout_seconds=_float(env, "BODY_TIMEOUT_SECONDS", 30.0, 0.01),
-            header_timeout_seconds=_float(env, "HEADER_TIMEOUT_SECONDS", 15.0, 0.01),
+            header_timeout_seconds=_float(env, "HEADER_TIMEOUT_SECONDS", 75.0, 0.01),
             write_queue_limit=_int(env, "WRITE_QUEUE_LIMIT", 4096, 1),
             write_batch_limit=_int(env, "WRITE_BATCH_LIMIT", 512, 1),
             worker_batch_size=_int(env, "WORKER_BATCH_SIZE", 1000, 1),

@@ -169,9 +169,12 @@ _LEASE = (
         outbox.c.id,
         sa.cast(outbox.c.payload, sa.Text),
         outbox.c.attempts,
-        # The column, not "IS NOT NULL": SQLite (3.40 here) answers 1 for that
-        # expression in a RETURNING clause even where the column is NULL.
+        # The columns, not "IS NOT NULL": SQLite (3.40 here) answers 1 for that
+        # expression in a RETURNING clause even where the column is NULL. Either
+        # set means an earlier outcome (a timeout or a dropped connection has an
+        # error and no status code).
         outbox.c.last_status_code,
+        outbox.c.last_error,
     )
 )
 _DELIVERED = (
@@ -244,7 +247,10 @@ async def claim_batch(
         rows = conn.execute(
             _LEASE, {"ids": ids, "owner": owner, "token": token, "expires_at": expires_at}
         )
-        by_id = {row[0]: ClaimedEvent(row[0], row[1], row[2], row[3] is not None) for row in rows}
+        by_id = {
+            row[0]: ClaimedEvent(row[0], row[1], row[2], row[3] is not None or row[4] is not None)
+            for row in rows
+        }
         # Oldest first, as claimed.
         return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
 

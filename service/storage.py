@@ -69,7 +69,12 @@ def default_client_factory() -> Any:
     )
     session = botocore.session.Session()  # credentials: the standard chain, read afresh
     session.register_component("data_loader", _MODELS)
-    return boto3.session.Session(botocore_session=session).client("s3", config=config)
+    client = boto3.session.Session(botocore_session=session).client("s3", config=config)
+    # boto3 adds its own data folder to the loader's search path per session:
+    # once is enough for a loader that outlives them.
+    paths = _MODELS.search_paths
+    paths[:] = list(dict.fromkeys(paths))
+    return client
 
 
 class S3CredentialChecker:

@@ -361,15 +361,28 @@ async def test_a_cancelled_request_does_not_fail_the_shared_session_query(
         await first
 
 
-async def test_a_logout_during_a_session_query_wins(db: Database, user: auth.User) -> None:
-    """The query may have read the row before the logout wrote it: the logout's
-    verdict stands, and is not replaced by the query's."""
+async def test_a_logout_during_a_session_query_wins(
+    db: Database, user: auth.User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The query reads the row before the logout writes it, and answers after:
+    the logout's verdict stands, and is not replaced by the query's."""
     registry = auth.SessionRegistry(check_seconds=60)
     sid = await registry.open(db, user.id, 3600)
+    row_read, logged_out = asyncio.Event(), asyncio.Event()
+    read_row = registry._read_row
+
+    async def slow_read(*args: Any) -> Any:
+        row = await read_row(*args)
+        row_read.set()
+        await logged_out.wait()
+        return row
+
+    monkeypatch.setattr(registry, "_read_row", slow_read)
     lookup = asyncio.ensure_future(registry.is_valid(db, sid, user.id))
-    await asyncio.sleep(0)
+    await row_read.wait()
     await registry.revoke(db, sid)
-    await lookup  # whatever it read
+    logged_out.set()
+    assert await lookup is False
     assert await registry.is_valid(db, sid, user.id) is False
 
 

@@ -86,6 +86,19 @@ async def test_history_tells_the_story_of_retries_then_delivery(
     assert detail.event["id"] == event_id
 
 
+async def test_a_row_held_by_a_dropped_connection_has_its_delivery_in_the_history(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, http, inngest: StandIn
+) -> None:
+    """A dropped connection leaves an error and no status code on the row: its
+    later delivery still closes the story."""
+    [event_id] = await enqueue(db, 1)
+    inngest.fail_next(Fault.DROP)
+    await make_worker(db, delivery_settings, http, owner="w-1").drain_once()
+    worker = make_worker(db, delivery_settings, http, owner="w-2", clock=lambda: later(11))
+    await worker.drain_once()
+    assert await history(engine, event_id) == [("held", None, "w-1"), ("delivered", 1, "w-2")]
+
+
 async def test_a_refused_event_fails_with_its_error_in_the_history(
     db: Database, engine: AsyncEngine, delivery_settings: Settings, http, inngest: StandIn
 ) -> None:

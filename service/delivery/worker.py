@@ -152,6 +152,10 @@ class DeliveryWorker:
                     self._capacity.release()
                     await self._idle()
                     continue
+                if self._outage_failures:
+                    # Probing: one request at a time until Inngest answers again.
+                    await self._deliver_claim(claim, release_capacity=True)
+                    continue
                 task = asyncio.create_task(self._deliver_claim(claim, release_capacity=True))
                 self._tasks.add(task)
                 task.add_done_callback(self._finished)
@@ -241,7 +245,9 @@ class DeliveryWorker:
         claim = await outbox.claim_batch(
             self._db,
             owner=self.owner,
-            limit=self._settings.worker_batch_size,
+            # While Inngest is unavailable, a probe is one event: the least to
+            # hold back, and a batch too large to take in time cannot keep it down.
+            limit=1 if self._outage_failures else self._settings.worker_batch_size,
             lease_seconds=self._settings.worker_lease_seconds,
             now=self._clock(),
         )
@@ -348,6 +354,8 @@ class DeliveryWorker:
     async def _record(
         self, lease: _Lease, events: Sequence[ClaimedEvent], outcome: Outcome
     ) -> None:
+        if not isinstance(outcome, Unavailable):
+            self._inngest_answered()
         match outcome:
             case Accepted():
                 await self._delivered(lease, events)
@@ -430,13 +438,19 @@ class DeliveryWorker:
         """
         self._forget(lease, events)
         lease.returned = True
-        self._outage_failures += 1
-        ceiling = min(
-            self._settings.retry_cap_seconds,
-            self._settings.retry_base_seconds * 2 ** min(self._outage_failures - 1, 62),
-        )
-        # Half fixed, half jitter: a pause near zero would make the probes a storm.
-        wait = max(ceiling / 2 + self._rng.uniform(0, ceiling / 2), retry_after or 0.0)
+        if not self._is_paused():
+            # Once per pause: the sends that were in flight when Inngest went
+            # away fail together, and must not stretch the pause between them.
+            self._outage_failures += 1
+        if retry_after is not None:
+            wait = retry_after  # Inngest said when (a 429's or 503's Retry-After)
+        else:
+            ceiling = min(
+                self._settings.retry_cap_seconds,
+                self._settings.retry_base_seconds * 2 ** min(self._outage_failures - 1, 62),
+            )
+            # Half fixed, half jitter: a pause near zero would make the probes a storm.
+            wait = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
         until = self._clock() + timedelta(seconds=wait)
         deferred = await outbox.defer(
             self._db,
@@ -502,9 +516,6 @@ class DeliveryWorker:
             rescheduled,
             failed,
         )
-        if status == 429 and retry_after:
-            # A rate limit is the endpoint's, not the rows': hold every send.
-            self._pause_for(retry_after)
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -528,11 +539,18 @@ class DeliveryWorker:
             self.stats.lost_leases += lost
             log.warning("%d rows were no longer leased to %s; left as they are", lost, self.owner)
 
+    def _inngest_answered(self) -> None:
+        """Any answer but "unavailable" ends an outage, whatever it says of the events."""
+        if self._outage_failures:
+            log.info("Inngest answers again")
+            self._outage_failures = 0
+            if self._can_send:
+                self._health_detail = "Inngest answers again"
+
     def _send_succeeded(self) -> None:
-        if not self._can_send or self._outage_failures:
+        if not self._can_send:
             log.info("Inngest accepts events again")
         self._key_failures = 0
-        self._outage_failures = 0
         self._can_send = True
         self._health_detail = "last send accepted"
 

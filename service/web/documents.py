@@ -23,7 +23,7 @@ from ..intake import (
 )
 from ..keys import INTAKE, S3_CHECKER, SETTINGS
 from .body import read_json_object
-from .problems import Problem, invalid_field, unauthenticated
+from .problems import Problem, database_unavailable, invalid_field, unauthenticated
 from .sessions import current_user
 
 MAX_DOCUMENT_NAME_BYTES = 1024
@@ -87,13 +87,7 @@ async def post_document(request: web.Request) -> web.Response:
             headers={"Retry-After": RETRY_AFTER_OVERLOADED_SECONDS},
         ) from None
     except (StorageUnavailable, IntakeClosed):
-        raise Problem(
-            503,
-            "database_unavailable",
-            "The database is unavailable",
-            "Nothing was written; retry shortly.",
-            headers={"Retry-After": "5"},
-        ) from None
+        raise database_unavailable() from None
     headers = {"Idempotent-Replayed": "true"} if accepted.replayed else None
     # The id is a UUID (no character needs escaping): no JSON encoder needed.
     body = b'{"status": "ok", "id": "' + accepted.event_id.encode() + b'"}'

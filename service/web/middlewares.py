@@ -10,10 +10,11 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_log import AccessLogger
+from sqlalchemy import exc as sa_exc
 
 from ..ids import new_request_id
 from ..keys import METRICS, SETTINGS
-from .problems import Problem, from_http_exception
+from .problems import Problem, database_unavailable, from_http_exception
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,22 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 _observe(request, exc.status, started)
                 raise
             response = from_http_exception(exc).response(request.path)
-        except Exception:
-            # Never echo exception text: it can hold data and secrets.
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            response = Problem(
-                500,
-                "internal_error",
-                "Internal server error",
-                f"Quote request id {request_id} when reporting this.",
-            ).response(request.path)
+        except Exception as exc:
+            if _database_down(exc):
+                # The database went away under a read (a session check, a
+                # list): the same answer as a write that could not commit.
+                log.error("database unavailable in %s %s: %s", request.method, request.path,
+                          type(exc).__name__)  # fmt: skip
+                response = database_unavailable().response(request.path)
+            else:
+                # Never echo exception text: it can hold data and secrets.
+                log.exception("unhandled error in %s %s", request.method, request.path)
+                response = Problem(
+                    500,
+                    "internal_error",
+                    "Internal server error",
+                    f"Quote request id {request_id} when reporting this.",
+                ).response(request.path)
         response.headers["X-Request-Id"] = request_id
         _observe(request, response.status, started)
         return response
@@ -82,6 +90,17 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _database_down(exc: BaseException) -> bool:
+    """A connection-level failure: the server is down, restarting or unreachable,
+    or the pool has no connection to give. (IntegrityError and the like are bugs:
+    they stay 500.)"""
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return isinstance(exc, sa_exc.TimeoutError | ConnectionError)
 
 
 def _check_origin(request: web.Request) -> None:

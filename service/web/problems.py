@@ -84,3 +84,14 @@ def from_http_exception(exc: web.HTTPException) -> Problem:
     if exc.status == 405 and "Allow" in exc.headers:
         headers["Allow"] = exc.headers["Allow"]
     return Problem(exc.status, code, title, detail, headers=headers)
+
+
+def database_unavailable() -> Problem:
+    """Nothing was written: the transaction failed, or the database is not reachable."""
+    return Problem(
+        503,
+        "database_unavailable",
+        "The database is unavailable",
+        "Nothing was written; retry shortly.",
+        headers={"Retry-After": "5"},
+    )
