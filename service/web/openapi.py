@@ -195,7 +195,11 @@ SPEC: dict[str, Any] = {
                     "413": _TOO_LARGE,
                     "415": _NOT_JSON,
                     "429": _problem("Too many failed logins", "too_many_logins"),
-                    "503": _problem("Too many logins at once", "login_busy"),
+                    "503": _problem(
+                        "Too many logins at once, or the database is unavailable",
+                        "login_busy",
+                        "database_unavailable",
+                    ),
                 },
             }
         },
@@ -347,6 +351,15 @@ SPEC: dict[str, Any] = {
         },
     },
 }
+
+# Whatever reads or writes the database answers 503 database_unavailable when it
+# cannot reach it (the middleware's mapping), besides its own answers.
+_DATABASE_DOWN = _problem("The database is unavailable: nothing written", "database_unavailable")
+for _path, _operations in SPEC["paths"].items():
+    if _path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        continue
+    for _operation in _operations.values():
+        _operation["responses"].setdefault("503", _DATABASE_DOWN)
 
 _BODY = json.dumps(SPEC, indent=1).encode()
 
