@@ -347,6 +347,15 @@ async def test_purge_deletes_only_what_it_is_told(
 # -- the client's view ------------------------------------------------------------
 
 
+async def alices_document(db: Database) -> tuple[auth.User, str, datetime]:
+    """A user with one document request: (user, its event id, when it was made)."""
+    alice = await auth.create_user(db, "alice", "a long password")
+    [event_id] = await enqueue(db, 1)
+    now = datetime.now(UTC)
+    await add_document(db, alice.id, event_id, now)
+    return alice, event_id, now
+
+
 async def add_document(db: Database, user_id: int, event_id: str, now: datetime) -> None:
     """The business row of an event, as POST /api writes it with the event."""
     statement = documents.insert().values(
@@ -358,10 +367,7 @@ async def add_document(db: Database, user_id: int, event_id: str, now: datetime)
 async def test_event_for_user(
     db: Database, engine: AsyncEngine, delivery_settings: Settings, http, inngest: StandIn
 ) -> None:
-    alice = await auth.create_user(db, "alice", "a long password")
-    [event_id] = await enqueue(db, 1)
-    now = datetime.now(UTC)
-    await add_document(db, alice.id, event_id, now)
+    alice, event_id, now = await alices_document(db)
     view = await operations.event_for_user(db, event_id, alice.id)
     assert view == {
         "id": event_id,
@@ -433,10 +439,7 @@ async def test_a_filtered_replay_ends_even_when_rows_come_back_to_the_filter(
 async def test_the_client_view_follows_a_new_id_and_tells_a_purge(
     db: Database, engine: AsyncEngine, delivery_settings: Settings, http, inngest: StandIn
 ) -> None:
-    alice = await auth.create_user(db, "alice", "a long password")
-    [event_id] = await enqueue(db, 1)
-    now = datetime.now(UTC)
-    await add_document(db, alice.id, event_id, now)
+    alice, event_id, now = await alices_document(db)
     await make_worker(db, delivery_settings, http).drain_once()
     result = await operations.replay(
         db, Selection(ids=(event_id,)), actor="op", now=now, new_ids=True
