@@ -69,7 +69,7 @@ class Settings:
     worker_max_in_flight: int = 4
     worker_lease_seconds: float = 60.0
     worker_poll_seconds: float = 2.0
-    worker_linger_seconds: float = 0.005
+    worker_linger_seconds: float = 0.02
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 300.0
     retry_max_attempts: int = 12
@@ -125,7 +125,7 @@ class Settings:
             worker_max_in_flight=_int(env, "WORKER_MAX_IN_FLIGHT", 4, 1),
             worker_lease_seconds=_float(env, "WORKER_LEASE_SECONDS", 60.0, 0.1),
             worker_poll_seconds=_float(env, "WORKER_POLL_SECONDS", 2.0, 0.01),
-            worker_linger_seconds=_float(env, "WORKER_LINGER_SECONDS", 0.005, 0.0),
+            worker_linger_seconds=_float(env, "WORKER_LINGER_SECONDS", 0.02, 0.0),
             retry_base_seconds=_float(env, "RETRY_BASE_SECONDS", 1.0, 0.0),
             retry_cap_seconds=_float(env, "RETRY_CAP_SECONDS", 300.0, 0.0),
             retry_max_attempts=_int(env, "RETRY_MAX_ATTEMPTS", 12, 1),

@@ -306,21 +306,25 @@ class SQLiteWriter:
             # rolls back the transaction, which held nothing else.
             self._run_alone(conn, batch[0], outcomes)
             return
+        # Savepoints on the driver connection: SQLAlchemy's nested transaction
+        # objects cost more than the statements they issue.
+        raw = conn.connection.driver_connection
         with conn.begin():
             for queued in batch:
-                savepoint = conn.begin_nested()
+                raw.execute("SAVEPOINT job")
                 try:
                     result = queued.job(conn)
                 except Exception as exc:
                     try:
-                        savepoint.rollback()
+                        raw.execute("ROLLBACK TO job")
+                        raw.execute("RELEASE job")
                     except Exception as rollback_error:
                         # SQLite rolled the whole transaction back (disk full,
                         # I/O error): report the cause, not the lost savepoint.
                         raise exc from rollback_error
                     outcomes.append((queued, None, exc))
                 else:
-                    savepoint.commit()
+                    raw.execute("RELEASE job")
                     outcomes.append((queued, result, None))
 
     @staticmethod

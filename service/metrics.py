@@ -6,15 +6,19 @@ in one process (the tests) keep their own counts.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "inngest_outbox"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-# A client chooses the method: anything else is "other", so labels stay few.
 # The outbox gauges cost queries: read at most this often.
 OUTBOX_REFRESH_SECONDS = 5.0
+# A client chooses the method: anything else is "other", so labels stay few.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -22,19 +26,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            f"{PREFIX}_http_requests",
-            "HTTP requests answered, by route, method and status code",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            f"{PREFIX}_http_request_duration_seconds",
-            "Time to answer an HTTP request, by route",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.http = _HttpRequests()
+        r.register(self.http)
         self.rows = Gauge(
             f"{PREFIX}_rows",
             "Outbox rows by status: pending, sending, failed (delivered rows: deliveries_total)",
@@ -73,9 +66,6 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        # Label children, looked up once: labels() costs a lock and a tuple
-        # per call, and the request counter is on every request's path.
-        self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
         self._outbox_read_at: float | None = None
 
     def outbox_due(self, now: float) -> bool:
@@ -86,15 +76,59 @@ class Metrics:
         return True
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method if method in METHODS else "other", str(status))
-        counter = self._children.get(key)
-        if counter is None:
-            counter = self._children[key] = self.requests.labels(*key)
-        counter.inc()  # type: ignore[attr-defined]
-        latency = self._children.get((route,))
-        if latency is None:
-            latency = self._children[(route,)] = self.request_seconds.labels(route)
-        latency.observe(seconds)  # type: ignore[attr-defined]
+        self.http.observe(route, method, status, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HttpRequests(Collector):
+    """The per-request counter and latency histogram, kept in plain dicts.
+
+    prometheus_client's labelled children take a lock and make a few objects
+    on every request; this runs on the event loop's thread only (requests and
+    /metrics alike), so plain integers do, turned into metric families only
+    when /metrics is read.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, int], int] = {}
+        # route -> [count in each bucket (the last is +Inf), sum of seconds]
+        self._latency: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        if method not in METHODS:
+            method = "other"  # a client chooses the method: labels must stay few
+        key = (route, method, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        latency = self._latency.get(route)
+        if latency is None:
+            latency = self._latency[route] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+        latency[0][bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        latency[1][0] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by route, method and status code",
+            labels=["route", "method", "status"],
+        )
+        for (route, method, status), count in sorted(self._counts.items()):
+            requests.add_metric([route, method, str(status)], count)
+        yield requests
+        seconds = HistogramMetricFamily(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            labels=["route"],
+        )
+        for route, (buckets, total) in sorted(self._latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), buckets, strict=True):
+                running += count
+                cumulative.append((_bound(bound), running))
+            seconds.add_metric([route], cumulative, total[0])
+        yield seconds
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))

@@ -199,6 +199,11 @@ _FAILED = (
         **_CLEAR_LEASE,
     )
 )
+_SQLITE_DELIVERED = (
+    "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = ?,"
+    " last_status_code = 200, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL"
+    " WHERE lease_token = ? AND status = 'sending' AND id IN (SELECT value FROM json_each(?))"
+)
 _RELEASED = outbox.update().where(_BY_LEASE).values(status=OutboxStatus.PENDING, **_CLEAR_LEASE)
 # Back to pending, due at available_at, with what went wrong recorded.
 _BACK_TO_PENDING: dict[str, Any] = {
@@ -239,6 +244,9 @@ async def claim_batch(
     expires_at = now + timedelta(seconds=lease_seconds)
 
     def claim(conn: Connection) -> Claim:
+        raw = conn.connection.driver_connection
+        if isinstance(raw, sqlite3.Connection):
+            return _claim_sqlite(raw, token, owner, limit, now, expires_at)
         ids = list(conn.scalars(_EXPIRED, {"now": now, "limit": limit}))
         if len(ids) < limit:
             ids.extend(conn.scalars(_DUE, {"now": now, "limit": limit - len(ids)}))
@@ -255,6 +263,49 @@ async def claim_batch(
         return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
 
     return await db.write(claim)
+
+
+# The claim on SQLite, on the driver: the same statements as _EXPIRED, _DUE and
+# _LEASE (SQLite has no row locks; the writer thread serialises claims), without
+# SQLAlchemy's per-statement machinery, which cost more than the statements.
+_SQLITE_EXPIRED = (
+    "SELECT id FROM outbox WHERE status = 'sending' AND lease_expires_at <= ?"
+    " ORDER BY lease_expires_at LIMIT ?"
+)
+_SQLITE_DUE = (
+    "SELECT id FROM outbox WHERE status = 'pending' AND available_at <= ?"
+    " ORDER BY available_at LIMIT ?"
+)
+_SQLITE_LEASE = (
+    "UPDATE outbox SET status = 'sending', lease_owner = ?, lease_token = ?,"
+    " lease_expires_at = ? WHERE id IN (SELECT value FROM json_each(?))"
+    " RETURNING id, payload, attempts, last_status_code, last_error"
+)
+
+
+def _claim_sqlite(
+    raw: sqlite3.Connection,
+    token: str,
+    owner: str,
+    limit: int,
+    now: datetime,
+    expires_at: datetime,
+) -> Claim:
+    at = sqlite_time(now)
+    ids = [row[0] for row in raw.execute(_SQLITE_EXPIRED, (at, limit))]
+    if len(ids) < limit:
+        ids.extend(row[0] for row in raw.execute(_SQLITE_DUE, (at, limit - len(ids))))
+    if not ids:
+        return Claim(token, owner, [])
+    rows = raw.execute(
+        _SQLITE_LEASE, (owner, token, sqlite_time(expires_at), json.dumps(ids))
+    ).fetchall()
+    by_id = {
+        row[0]: ClaimedEvent(row[0], row[1], row[2], row[3] is not None or row[4] is not None)
+        for row in rows
+    }
+    # Oldest first, as claimed.
+    return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
 
 
 # A history entry for a row, written only while the caller's lease still holds it
@@ -352,6 +403,12 @@ async def _update_leased(
     def update(conn: Connection) -> int:
         if history is not None:
             _record_history(conn, token, *history)
+        raw = conn.connection.driver_connection
+        if statement is _DELIVERED and isinstance(raw, sqlite3.Connection):
+            # Every delivery ends here: the driver, as for claims.
+            return raw.execute(
+                _SQLITE_DELIVERED, (sqlite_time(params["now"]), token, json.dumps(values["ids"]))
+            ).rowcount
         return conn.execute(statement, values).rowcount
 
     return await db.write(update)

@@ -215,6 +215,34 @@ async def test_lone_surrogate_is_400(logged_in: TestClient, engine: AsyncEngine)
     assert await rows(engine) == ([], [])
 
 
+def _nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10**30, -(2**64), _nested(300), {"é": "\u2028 ✓"}],
+    ids=["integer-past-64-bits", "negative-past-64-bits", "nested-300-deep", "non-ascii"],
+)
+async def test_event_is_stored_exactly_whatever_the_encoder(
+    logged_in: TestClient, engine: AsyncEngine, value: Any
+) -> None:
+    # The fast encoder takes none of the first three: the standard one must.
+    body = {"documentName": "a", "value": value}
+    response = await logged_in.post("/api", json=body)
+    assert response.status == 200, await response.text()
+    event_id = (await response.json())["id"]
+    async with engine.connect() as conn:
+        text = (await conn.execute(sa.select(sa.cast(outbox.c.payload, sa.Text)))).scalar_one()
+    event = json.loads(text)
+    assert event["id"] == event_id
+    assert event["data"] == body
+    assert "\\u" not in text  # UTF-8 as it is, not escaped
+
+
 @pytest.mark.parametrize(
     ("raw", "kind"),
     [

@@ -9,6 +9,7 @@ import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from .. import outbox
@@ -165,15 +166,29 @@ def read_idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-# One encoder for every event: json.dumps with options builds a new one per call.
+# The standard encoder, built once (json.dumps with options builds one per
+# call), for what orjson does not take: integers past 64 bits, lone surrogates,
+# nesting past 254 levels.
 _EVENT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def serialize_event(event: dict[str, Any], limit: int) -> RawJSON:
+    """The event as compact UTF-8 JSON text, refused if Inngest would refuse its size."""
+    try:
+        # A tenth of the standard encoder's time, and its output is already
+        # the UTF-8 that is measured. (No NaN or infinity can reach here: the
+        # body's parser refused them.)
+        encoded = orjson.dumps(event)
+    except TypeError:
+        return _serialize_unusual(event, limit)
+    _check_event_size(len(encoded), limit)
+    return RawJSON(encoded.decode("utf-8"))
+
+
+def _serialize_unusual(event: dict[str, Any], limit: int) -> RawJSON:
     text = _EVENT_ENCODER.encode(event)
     try:
-        # ASCII text (most events) is its own UTF-8: no copy needed to measure it.
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise Problem(
             400,
@@ -181,6 +196,11 @@ def serialize_event(event: dict[str, Any], limit: int) -> RawJSON:
             "The body is not valid JSON",
             "A string in the body contains an unpaired UTF-16 surrogate.",
         ) from None
+    _check_event_size(size, limit)
+    return RawJSON(text)
+
+
+def _check_event_size(size: int, limit: int) -> None:
     if size > limit:
         raise Problem(
             413,
@@ -190,7 +210,6 @@ def serialize_event(event: dict[str, Any], limit: int) -> RawJSON:
             limit=limit,
             size=size,
         )
-    return RawJSON(text)
 
 
 def _request_hash(body: dict[str, Any]) -> str:
