@@ -22,11 +22,12 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -72,8 +73,33 @@ def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Asyn
             raise RuntimeError(
                 f"SQLite {sqlite3.sqlite_version} is too old: RETURNING needs 3.35 or newer"
             )
+        if not _has_json1():
+            raise RuntimeError(
+                f"SQLite {sqlite3.sqlite_version} was built without its JSON functions,"
+                " which the writer needs"
+            )
         _configure_sqlite(engine, foreign_keys=foreign_keys)
     return engine
+
+
+def _has_json1() -> bool:
+    try:
+        sqlite3.connect(":memory:").execute("SELECT json_extract('[1]', '$[0]')").close()
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+def json_rows(rows: Iterable[Sequence[object]]) -> bytes:
+    """Rows as one JSON array: a statement over ``json_each(?)`` writes them all.
+
+    The writer thread's statements, not executemany: every step of a SQLite
+    statement releases the GIL and must take it back, and while the event loop
+    is busy each take can wait up to the interpreter's switch interval. A
+    transaction of a hundred rows by executemany spent most of its time waiting
+    there; one statement per table waits a couple of times.
+    """
+    return orjson.dumps(list(rows))
 
 
 def write_engine(engine: AsyncEngine) -> AsyncEngine:

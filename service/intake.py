@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from . import outbox
-from .db import Database, DatabaseClosed, sqlite_time
+from .db import Database, DatabaseClosed, json_rows, sqlite_time
 from .delivery.notify import NOTIFY_SQL
 from .models import documents
 
@@ -243,14 +243,17 @@ class DocumentIntake:
                 fresh.append(sub.event)
         raw = conn.connection.driver_connection
         if plain and isinstance(raw, sqlite3.Connection):
-            # The hot path: the driver's executemany, no per-row type processing.
-            raw.executemany(
+            # The hot path: one statement on the driver for every row (see json_rows).
+            raw.execute(
                 "INSERT INTO documents (user_id, document_name, event_id, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                [
-                    (s.user_id, s.document_name, s.event.id, sqlite_time(s.event.created_at))
-                    for s in plain
-                ],
+                " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+                " json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?)",
+                (
+                    json_rows(
+                        (s.user_id, s.document_name, s.event.id, sqlite_time(s.event.created_at))
+                        for s in plain
+                    ),
+                ),
             )
         elif plain:
             conn.execute(documents.insert(), [_document_row(s) for s in plain])

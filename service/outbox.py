@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .db import Database, RawJSON, sqlite_time
+from .db import Database, RawJSON, json_rows, sqlite_time
 from .delivery.notify import NOTIFY_SQL
 from .models import UTCDateTime, outbox, outbox_history
 
@@ -83,12 +84,14 @@ def enqueue(conn: Connection, events: Sequence[NewEvent]) -> None:
         return
     raw = conn.connection.driver_connection
     if isinstance(raw, sqlite3.Connection):
-        # The hot path: one executemany on the driver, no per-row SQLAlchemy
-        # type processing (the timestamps in SQLAlchemy's own text format).
-        raw.executemany(
+        # The hot path: one statement on the driver for every row (see
+        # json_rows), the timestamps in SQLAlchemy's own text format.
+        raw.execute(
             "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at,"
-            " created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
-            [(e.id, e.name, e.payload, t := sqlite_time(e.created_at), t) for e in events],
+            " created_at) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+            " json_extract(value, '$[2]'), 'pending', 0, json_extract(value, '$[3]'),"
+            " json_extract(value, '$[3]') FROM json_each(?)",
+            (json_rows((e.id, e.name, e.payload, sqlite_time(e.created_at)) for e in events),),
         )
         return
     conn.execute(
@@ -265,21 +268,27 @@ async def claim_batch(
     return await db.write(claim)
 
 
-# The claim on SQLite, on the driver: the same statements as _EXPIRED, _DUE and
-# _LEASE (SQLite has no row locks; the writer thread serialises claims), without
-# SQLAlchemy's per-statement machinery, which cost more than the statements.
-_SQLITE_EXPIRED = (
-    "SELECT id FROM outbox WHERE status = 'sending' AND lease_expires_at <= ?"
-    " ORDER BY lease_expires_at LIMIT ?"
-)
-_SQLITE_DUE = (
-    "SELECT id FROM outbox WHERE status = 'pending' AND available_at <= ?"
-    " ORDER BY available_at LIMIT ?"
+# The claim on SQLite, on the driver: what _EXPIRED, _DUE and _LEASE do (SQLite
+# has no row locks; the writer thread serialises claims), in three statements
+# of one step each, however many rows (see db.json_rows): expired leases first,
+# then due rows, each oldest first; the lease; the leased rows as one JSON array.
+_SQLITE_CLAIMABLE = (
+    "SELECT json_group_array(id) FROM ("
+    " SELECT id FROM (SELECT id FROM outbox WHERE status = 'sending'"
+    "  AND lease_expires_at <= :now ORDER BY lease_expires_at LIMIT :limit)"
+    " UNION ALL"
+    " SELECT id FROM (SELECT id FROM outbox WHERE status = 'pending'"
+    "  AND available_at <= :now ORDER BY available_at LIMIT :limit)"
+    " LIMIT :limit)"
 )
 _SQLITE_LEASE = (
     "UPDATE outbox SET status = 'sending', lease_owner = ?, lease_token = ?,"
     " lease_expires_at = ? WHERE id IN (SELECT value FROM json_each(?))"
-    " RETURNING id, payload, attempts, last_status_code, last_error"
+)
+# The columns, not "IS NOT NULL" (see _LEASE).
+_SQLITE_LEASED = (
+    "SELECT json_group_array(json_array(id, payload, attempts, last_status_code, last_error))"
+    " FROM outbox WHERE id IN (SELECT value FROM json_each(?)) AND lease_token = ?"
 )
 
 
@@ -291,21 +300,19 @@ def _claim_sqlite(
     now: datetime,
     expires_at: datetime,
 ) -> Claim:
-    at = sqlite_time(now)
-    ids = [row[0] for row in raw.execute(_SQLITE_EXPIRED, (at, limit))]
-    if len(ids) < limit:
-        ids.extend(row[0] for row in raw.execute(_SQLITE_DUE, (at, limit - len(ids))))
-    if not ids:
+    (ids_json,) = raw.execute(
+        _SQLITE_CLAIMABLE, {"now": sqlite_time(now), "limit": limit}
+    ).fetchone()
+    if ids_json == "[]":
         return Claim(token, owner, [])
-    rows = raw.execute(
-        _SQLITE_LEASE, (owner, token, sqlite_time(expires_at), json.dumps(ids))
-    ).fetchall()
+    raw.execute(_SQLITE_LEASE, (owner, token, sqlite_time(expires_at), ids_json))
+    (rows_json,) = raw.execute(_SQLITE_LEASED, (ids_json, token)).fetchone()
     by_id = {
         row[0]: ClaimedEvent(row[0], row[1], row[2], row[3] is not None or row[4] is not None)
-        for row in rows
+        for row in orjson.loads(rows_json)
     }
     # Oldest first, as claimed.
-    return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
+    return Claim(token, owner, [by_id[i] for i in orjson.loads(ids_json) if i in by_id])
 
 
 # A history entry for a row, written only while the caller's lease still holds it

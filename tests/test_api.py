@@ -224,8 +224,8 @@ def _nested(depth: int) -> Any:
 
 @pytest.mark.parametrize(
     "value",
-    [10**30, -(2**64), _nested(300), {"é": "\u2028 ✓"}],
-    ids=["integer-past-64-bits", "negative-past-64-bits", "nested-300-deep", "non-ascii"],
+    [10**30, -(2**64), _nested(300), {"é": "\u2028 ✓"}, {"q": 'a "quoted" \\ back\\slash'}],
+    ids=["past-64-bits", "negative-past-64-bits", "nested-300-deep", "non-ascii", "escapes"],
 )
 async def test_event_is_stored_exactly_whatever_the_encoder(
     logged_in: TestClient, engine: AsyncEngine, value: Any
@@ -241,6 +241,8 @@ async def test_event_is_stored_exactly_whatever_the_encoder(
     assert event["id"] == event_id
     assert event["data"] == body
     assert "\\u" not in text  # UTF-8 as it is, not escaped
+    # Stored as encoded, compact: the single-statement insert changed nothing.
+    assert text == json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
 @pytest.mark.parametrize(

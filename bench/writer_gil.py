@@ -1,0 +1,139 @@
+"""Why the SQLite writer inserts a transaction's rows with one statement, not executemany.
+
+    .venv/bin/python -m bench.writer_gil [--rows 50] [--transactions 40]
+
+Every step of a SQLite statement releases the GIL and must take it back. While
+another thread runs Python (the event loop, under load), each take can wait up
+to the interpreter's switch interval (5 ms). executemany steps once per row;
+the writer's insert over json_each(?) steps once for all of them.
+
+Runs transactions of --rows document and outbox rows (the service's schema, a
+real file, synchronous=FULL) on a thread, first alone, then beside a thread
+that keeps the GIL busy, and prints each way's time per transaction and the
+ratio of busy to idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import sqlite3
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service.db import create_engine, json_rows
+from service.ids import new_event_id
+from service.migrate import upgrade
+
+AT = "2026-11-23 10:00:00.000000"
+PAYLOAD = '{"name":"app/document.requested","data":{"documentName":"reports/q3.pdf"},"v":"1"}'
+DOCUMENTS_MANY = (
+    "INSERT INTO documents (user_id, document_name, event_id, created_at) VALUES (?, ?, ?, ?)"
+)
+OUTBOX_MANY = (
+    "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at)"
+    " VALUES (?, ?, ?, 'pending', 0, ?, ?)"
+)
+DOCUMENTS_ONE = (
+    "INSERT INTO documents (user_id, document_name, event_id, created_at)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?)"
+)
+OUTBOX_ONE = (
+    "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at)"
+    " SELECT json_extract(value, '$[0]'), 'app/document.requested', json_extract(value, '$[1]'),"
+    " 'pending', 0, json_extract(value, '$[2]'), json_extract(value, '$[2]') FROM json_each(?)"
+)
+
+
+async def create_schema(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+def open_database(path: Path) -> tuple[sqlite3.Connection, int]:
+    asyncio.run(create_schema(f"sqlite+aiosqlite:///{path}"))
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    (user_id,) = conn.execute(
+        "INSERT INTO users (username, password_hash, is_admin, created_at)"
+        " VALUES ('bench', 'x', 0, ?) RETURNING id",
+        (AT,),
+    ).fetchone()
+    return conn, user_id
+
+
+def by_executemany(conn: sqlite3.Connection, user_id: int, rows: int) -> None:
+    ids = [new_event_id() for _ in range(rows)]
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(DOCUMENTS_MANY, [(user_id, "reports/q3.pdf", i, AT) for i in ids])
+    conn.executemany(OUTBOX_MANY, [(i, "app/document.requested", PAYLOAD, AT, AT) for i in ids])
+    conn.execute("COMMIT")
+
+
+def by_one_statement(conn: sqlite3.Connection, user_id: int, rows: int) -> None:
+    ids = [new_event_id() for _ in range(rows)]
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(DOCUMENTS_ONE, (json_rows((user_id, "reports/q3.pdf", i, AT) for i in ids),))
+    conn.execute(OUTBOX_ONE, (json_rows((i, PAYLOAD, AT) for i in ids),))
+    conn.execute("COMMIT")
+
+
+def median_ms(write: Callable[[], None], transactions: int, *, busy: bool) -> float:
+    stop = threading.Event()
+
+    def spin() -> None:  # pure Python: gives the GIL up only when the interpreter forces it
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    spinner = threading.Thread(target=spin)
+    if busy:
+        spinner.start()
+    times: list[float] = []
+
+    def run() -> None:
+        for _ in range(transactions):
+            started = time.perf_counter()
+            write()
+            times.append(time.perf_counter() - started)
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    writer.join()
+    stop.set()
+    if busy:
+        spinner.join()
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=50)
+    parser.add_argument("--transactions", type=int, default=40)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        conn, user_id = open_database(Path(work) / "bench.db")
+        print(f"{args.rows} requests' rows a transaction, median of {args.transactions}:")
+        for name, how in (("executemany", by_executemany), ("one statement", by_one_statement)):
+            write = functools.partial(how, conn, user_id, args.rows)
+            idle = median_ms(write, args.transactions, busy=False)
+            busy = median_ms(write, args.transactions, busy=True)
+            print(
+                f"  {name:14} alone {idle:7.2f} ms   beside a busy thread {busy:8.2f} ms"
+                f"   ({busy / idle:5.1f}x)"
+            )
+        conn.close()
+
+
+if __name__ == "__main__":
+    main()
