@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from service.db import Database, DatabaseClosed
 
@@ -51,3 +53,47 @@ async def test_one_failing_job_does_not_fail_the_others_in_its_transaction(
     )
     assert results[0] == results[2] == 42
     assert isinstance(results[1], sa.exc.ProgrammingError | sa.exc.OperationalError)
+
+
+def _hold_write_lock(db_url: str) -> sqlite3.Connection:
+    """Another process's writer, in the middle of a transaction."""
+    other = sqlite3.connect(
+        make_url(db_url).database, isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_write_waits_for_another_process_holding_the_lock(
+    db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = _hold_write_lock(db_url)
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        # The writer found the lock taken and waits: the other transaction ends.
+        pauses.append(seconds)
+        if len(pauses) == 3:
+            other.execute("COMMIT")
+
+    monkeypatch.setattr("service.db.time.sleep", pause)
+    result = await db.write(lambda conn: conn.execute(sa.text("SELECT 41 + 1")).scalar_one())
+    assert result == 42
+    # Short pauses, doubling: not SQLite's own 1, 2, 5 ms and up.
+    assert pauses == [0.0001, 0.0002, 0.0004]
+    other.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_write_fails_once_the_lock_is_held_past_busy_timeout(
+    db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = _hold_write_lock(db_url)
+    monkeypatch.setattr("service.db.SQLITE_BUSY_TIMEOUT_MS", 0)
+    with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+        await db.write(lambda conn: conn.execute(sa.text("SELECT 1")))
+    other.execute("COMMIT")
+    other.close()
+    # Nothing stuck: the next write goes through.
+    assert await db.write(lambda conn: conn.execute(sa.text("SELECT 2")).scalar_one()) == 2
