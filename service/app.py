@@ -154,10 +154,13 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
             metrics=app[METRICS],
         )
         app[WORKER] = worker
+        # New events go from their commit straight to this worker, unclaimed.
+        app[INTAKE].hand_off_to(worker)
         task = asyncio.create_task(worker.run(), name="delivery-worker")
         retention = asyncio.create_task(worker.purge_forever(), name="outbox-retention")
         listener = listen_for_commits(app[DATABASE], app[WAKE])
         yield
+        app[INTAKE].hand_off_to(None)
         await _cancel(retention)
         await worker.stop()
         await _cancel(task)

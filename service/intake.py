@@ -18,6 +18,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -82,6 +83,19 @@ class _Pending:
 TransactionHook = Callable[[], None]
 
 
+class HandOffTarget(Protocol):
+    """Takes new events from their commit (the delivery worker of this process)."""
+
+    def offer(self) -> outbox.HandOff | None:
+        """A lease to write the next batch's events under, or None (write them pending)."""
+
+    def accept(self, hand_off: outbox.HandOff, events: list[outbox.NewEvent]) -> None:
+        """Committed under ``hand_off``: now the target's to deliver."""
+
+    def decline(self, hand_off: outbox.HandOff) -> None:
+        """Nothing was written under ``hand_off``."""
+
+
 class DocumentIntake:
     def __init__(
         self,
@@ -102,9 +116,15 @@ class DocumentIntake:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(batches_in_flight)
+        self._hand_off_to: HandOffTarget | None = None
         self.hook_mid_transaction: TransactionHook | None = None
         self.hook_before_commit: TransactionHook | None = None
         self.commits = 0
+
+    def hand_off_to(self, target: HandOffTarget | None) -> None:
+        """New events go to ``target`` straight from their commit, when it offers
+        a lease (this process's worker); None: they are only written, pending."""
+        self._hand_off_to = target
 
     @property
     def queued(self) -> int:
@@ -178,29 +198,46 @@ class DocumentIntake:
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         if not batch:
             return
+        target = self._hand_off_to
+        hand_off = target.offer() if target is not None else None
+        written: list[outbox.NewEvent] | None = None
         try:
-            results = await self._write(batch)
+            written = await self._commit_offered(batch, hand_off)
+        finally:
+            if target is not None and hand_off is not None:
+                if written is None:
+                    target.decline(hand_off)
+                else:
+                    target.accept(hand_off, written)
+
+    async def _commit_offered(
+        self, batch: list[_Pending], hand_off: outbox.HandOff | None
+    ) -> list[outbox.NewEvent] | None:
+        """Commit the batch; the new events it wrote (leased by ``hand_off`` if one
+        is given), or None if it wrote nothing (each request has its answer)."""
+        try:
+            results, fresh = await self._write(batch, hand_off)
         except asyncio.CancelledError:
             _fail(batch, IntakeClosed())
             raise
         except DatabaseClosed:
             _fail(batch, IntakeClosed())
-            return
+            return None
         except (IntegrityError, DataError, sqlite3.IntegrityError):
             if len(batch) == 1:
                 log.exception("a submission was refused by the database; nothing was written")
                 _fail(batch, StorageUnavailable())
-                return
+                return None
             # One bad row must not fail the requests that shared its commit:
             # bisect until it stands alone.
             middle = len(batch) // 2
             await self._commit_batch(batch[:middle])
             await self._commit_batch(batch[middle:])
-            return
+            return None
         except Exception:
             log.exception("group commit of %d submissions failed; none was written", len(batch))
             _fail(batch, StorageUnavailable())
-            return
+            return None
         self.commits += 1
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
@@ -209,16 +246,20 @@ class DocumentIntake:
                 pending.future.set_exception(result)
             elif result is not None:
                 pending.future.set_result(result)
-        if self._on_commit is not None:
-            self._on_commit(sum(1 for r in results if isinstance(r, Accepted) and not r.replayed))
+        if hand_off is None and self._on_commit is not None:
+            self._on_commit(len(fresh))
+        return fresh
 
-    async def _write(self, batch: list[_Pending]) -> list[Accepted | IntakeError | None]:
-        return await self._db.write(lambda conn: self._write_rows(conn, batch))
+    async def _write(
+        self, batch: list[_Pending], hand_off: outbox.HandOff | None
+    ) -> tuple[list[Accepted | IntakeError | None], list[outbox.NewEvent]]:
+        return await self._db.write(lambda conn: self._write_rows(conn, batch, hand_off))
 
     def _write_rows(
-        self, conn: Connection, batch: list[_Pending]
-    ) -> list[Accepted | IntakeError | None]:
-        """Both rows of every submission, in the caller's transaction.
+        self, conn: Connection, batch: list[_Pending], hand_off: outbox.HandOff | None = None
+    ) -> tuple[list[Accepted | IntakeError | None], list[outbox.NewEvent]]:
+        """Both rows of every submission, in the caller's transaction; each
+        request's result, and the new events written.
 
         Runs on the database's writer thread. A request cancelled before its
         transaction began is left out (None); one cancelled later is written
@@ -259,13 +300,13 @@ class DocumentIntake:
             conn.execute(documents.insert(), [_document_row(s) for s in plain])
         if self.hook_mid_transaction is not None:
             self.hook_mid_transaction()
-        outbox.enqueue(conn, fresh)
-        if fresh and self._dialect == "postgresql":
+        outbox.enqueue(conn, fresh, hand_off)
+        if fresh and hand_off is None and self._dialect == "postgresql":
             # Delivered at commit, to the workers of every host.
             conn.exec_driver_sql(NOTIFY_SQL)
         if self.hook_before_commit is not None:
             self.hook_before_commit()
-        return results
+        return results, fresh
 
     def _insert_keyed(self, conn: Connection, sub: Submission) -> Accepted | IntakeError:
         """Insert unless this user already used the key (then answer as the first time)."""

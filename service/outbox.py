@@ -43,9 +43,11 @@ class OutboxStatus(enum.StrEnum):
     # Written by the API in the same transaction as the business row. The
     # worker claims it when available_at is due; a retry puts it back here.
     PENDING = "pending"
-    # Claimed by a worker under a lease (owner, token, expiry). The worker
-    # moves it to delivered, back to pending (retry) or failed; if the worker
-    # dies, the expired lease makes the row claimable again.
+    # Claimed by a worker under a lease (owner, token, expiry), or written so
+    # by the API when its own process's worker takes the rows straight from the
+    # commit (a hand-off: no claim needed). The worker moves it to delivered,
+    # back to pending (retry) or failed; if the worker dies, the expired lease
+    # makes the row claimable again.
     SENDING = "sending"
     # Inngest acknowledged it. Terminal; removed only by retention.
     DELIVERED = "delivered"
@@ -78,20 +80,42 @@ def build_event(
     }
 
 
-def enqueue(conn: Connection, events: Sequence[NewEvent]) -> None:
-    """Insert new pending rows in the caller's transaction."""
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """A lease for rows being written: this process's worker takes them from the
+    commit, sparing their claim (see OutboxStatus.SENDING)."""
+
+    owner: str
+    token: str
+    expires_at: datetime
+
+
+def enqueue(conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None) -> None:
+    """Insert new rows in the caller's transaction: pending, or leased by ``hand_off``."""
     if not events:
         return
+    if hand_off is None:
+        status, owner, token, expires_at = OutboxStatus.PENDING.value, None, None, None
+    else:
+        status, owner, token = OutboxStatus.SENDING.value, hand_off.owner, hand_off.token
+        expires_at = hand_off.expires_at
     raw = conn.connection.driver_connection
     if isinstance(raw, sqlite3.Connection):
         # The hot path: one statement on the driver for every row (see
         # json_rows), the timestamps in SQLAlchemy's own text format.
         raw.execute(
             "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at,"
-            " created_at) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
-            " json_extract(value, '$[2]'), 'pending', 0, json_extract(value, '$[3]'),"
-            " json_extract(value, '$[3]') FROM json_each(?)",
-            (json_rows((e.id, e.name, e.payload, sqlite_time(e.created_at)) for e in events),),
+            " created_at, lease_owner, lease_token, lease_expires_at)"
+            " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+            " json_extract(value, '$[2]'), ?, 0, json_extract(value, '$[3]'),"
+            " json_extract(value, '$[3]'), ?, ?, ? FROM json_each(?)",
+            (
+                status,
+                owner,
+                token,
+                None if expires_at is None else sqlite_time(expires_at),
+                json_rows((e.id, e.name, e.payload, sqlite_time(e.created_at)) for e in events),
+            ),
         )
         return
     conn.execute(
@@ -101,10 +125,13 @@ def enqueue(conn: Connection, events: Sequence[NewEvent]) -> None:
                 "id": e.id,
                 "event_name": e.name,
                 "payload": e.payload,
-                "status": OutboxStatus.PENDING.value,
+                "status": status,
                 "attempts": 0,
                 "available_at": e.created_at,
                 "created_at": e.created_at,
+                "lease_owner": owner,
+                "lease_token": token,
+                "lease_expires_at": expires_at,
             }
             for e in events
         ],

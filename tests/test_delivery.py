@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ from service.config import Settings
 from service.db import Database, RawJSON
 from service.delivery.worker import DeliveryWorker, split_for_request
 from service.ids import new_event_id
+from service.intake import DocumentIntake, Submission
 from service.models import outbox as outbox_table
 from service.models import outbox_history
 from tests.fakes.inngest import Fault, StandIn
@@ -697,3 +699,169 @@ async def test_a_claim_committed_while_stopping_is_released_not_left_leased(
     await asyncio.gather(task, return_exceptions=True)
     assert worker.stats.claimed == 5
     assert await status_counts(engine) == {"pending": 5}
+
+
+# -- hand-off: the API's commits go straight to its own process's worker ------------
+
+
+def new_submission(user: auth.User) -> Submission:
+    event_id = new_event_id()
+    event = outbox.build_event(
+        event_id=event_id,
+        name="test/document.requested",
+        data={"documentName": "handed.txt"},
+        user_id=user.id,
+        username=user.username,
+        ts_ms=int(datetime.now(UTC).timestamp() * 1000),
+    )
+    return Submission(
+        user_id=user.id,
+        document_name="handed.txt",
+        event=outbox.NewEvent(
+            event_id, event["name"], RawJSON(json.dumps(event)), datetime.now(UTC)
+        ),
+    )
+
+
+async def test_committed_events_are_handed_to_the_running_worker_without_a_claim(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http,
+    user: auth.User,
+) -> None:  # fmt: skip
+    # A 60 s poll: only the hand-off can deliver within the test's timeout.
+    worker = make_worker(db, delivery_settings.replace(worker_poll_seconds=60), http)
+    intake = DocumentIntake(db)
+    await intake.start()
+    intake.hand_off_to(worker)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0)  # the loop starts
+        assert worker.health.running
+        accepted = [await intake.submit(new_submission(user)) for _ in range(3)]
+        async with asyncio.timeout(5):
+            await inngest.received(3)
+    finally:
+        await worker.stop()
+        await task
+        await intake.close()
+    assert sorted(inngest.accepted_ids) == sorted(a.event_id for a in accepted)
+    assert worker.stats.handed_off == worker.stats.claimed == worker.stats.delivered == 3
+    rows = await states(engine)
+    assert {(r.status, r.attempts, r.lease_token) for r in rows.values()} == {
+        ("delivered", 1, None)
+    }
+
+
+async def test_handed_off_rows_are_leased_in_their_commit_and_released_at_stop(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http,
+    user: auth.User,
+) -> None:  # fmt: skip
+    worker = make_worker(db, delivery_settings, http)
+    intake = DocumentIntake(db)
+    await intake.start()
+    intake.hand_off_to(worker)
+    worker._running = True  # as if its loop were between two claims
+    accepted = await intake.submit(new_submission(user))
+    # Committed already leased to the worker: no claim needed, none possible.
+    row = (await states(engine))[accepted.event_id]
+    assert (row.status, row.lease_owner, row.attempts) == ("sending", worker.owner, 0)
+    assert row.lease_expires_at > datetime.now(UTC)
+    assert (await make_worker(db, delivery_settings, http).drain_once()).claimed == 0
+    intake.hand_off_to(None)
+    worker._running = False  # its loop has exited
+    await worker.stop()
+    await intake.close()
+    # Not sent, so given back: pending, attempts unspent, no lease.
+    row = (await states(engine))[accepted.event_id]
+    assert (row.status, row.lease_token, row.attempts) == ("pending", None, 0)
+    assert inngest.requests == []
+
+
+async def test_a_worker_that_dies_after_the_commit_loses_nothing(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http,
+    user: auth.User,
+) -> None:  # fmt: skip
+    class DiesAfterTheCommit:
+        """Offers a lease, then is gone: the process was killed."""
+
+        def offer(self) -> outbox.HandOff:
+            return outbox.HandOff(
+                "dead-worker", "dead-token", datetime.now(UTC) + timedelta(seconds=60)
+            )
+
+        def accept(self, hand_off: outbox.HandOff, events: list[outbox.NewEvent]) -> None:
+            pass
+
+        def decline(self, hand_off: outbox.HandOff) -> None:
+            pass
+
+    intake = DocumentIntake(db)
+    await intake.start()
+    intake.hand_off_to(DiesAfterTheCommit())
+    accepted = await intake.submit(new_submission(user))
+    await intake.close()
+    survivor = make_worker(db, delivery_settings, http)
+    # Leased to the dead worker: nobody else sends it before its lease expires ...
+    assert (await survivor.drain_once()).claimed == 0
+    # ... and then any worker does, with the same event id.
+    survivor = make_worker(db, delivery_settings, http, clock=lambda: later(61))
+    stats = await survivor.drain_once()
+    assert (stats.claimed, stats.delivered) == (1, 1)
+    assert inngest.accepted_ids == [accepted.event_id]
+
+
+@pytest.mark.parametrize("why", ["not running", "stopping", "paused", "inngest down", "busy"])
+async def test_no_hand_off_when_the_worker_would_not_send_soon(
+    db: Database, delivery_settings: Settings, http, why: str
+) -> None:
+    worker = make_worker(db, delivery_settings.replace(worker_max_in_flight=1), http)
+    if why != "not running":
+        worker._running = True
+    if why == "stopping":
+        worker._stopping.set()
+    elif why == "paused":
+        worker._pause_for(30)
+    elif why == "inngest down":
+        worker._outage_failures = 1
+    elif why == "busy":
+        await worker._capacity.acquire()  # every send slot taken
+    assert worker.offer() is None
+
+
+async def test_rows_written_pending_are_claimed_however_many_are_handed_off(
+    db: Database, delivery_settings: Settings, http, user: auth.User
+) -> None:
+    # Pending rows (a replay, another process's writes) beside a steady stream
+    # of hand-offs: looked for at a wake-up, and at least every poll interval.
+    [pending_id] = await enqueue(db, 1)
+    worker = make_worker(db, delivery_settings.replace(worker_poll_seconds=60), http)
+    worker._running = True
+    handed = new_submission(user).event
+    hand_off = worker.offer()
+    assert hand_off is not None
+    worker.accept(hand_off, [handed])
+    worker._outbox_looked_at = time.monotonic()  # just looked
+    claim = await worker._next_claim()
+    assert claim is not None and [e.id for e in claim.events] == [handed.id]
+
+    worker.accept(hand_off := worker.offer(), [new_submission(user).event])  # type: ignore[arg-type]
+    worker._outbox_looked_at = time.monotonic() - 61  # a poll interval ago
+    claim = await worker._next_claim()
+    assert claim is not None and [e.id for e in claim.events] == [pending_id]
+
+    worker.wake()  # a wake-up: the outbox first, however recent the last look
+    worker._outbox_looked_at = time.monotonic()
+    claim = await worker._next_claim()  # the outbox is empty now: the hand-off
+    assert claim is not None and claim.token == hand_off.token
+    worker._running = False
+
+
+async def test_a_handed_off_group_past_its_lease_is_not_sent(
+    db: Database, delivery_settings: Settings, http, user: auth.User
+) -> None:
+    # Held through an outage longer than the lease: the rows are any worker's again.
+    worker = make_worker(db, delivery_settings, http)
+    expired = outbox.HandOff(worker.owner, "old-token", datetime.now(UTC) - timedelta(seconds=1))
+    worker._offers_out = 1
+    worker.accept(expired, [new_submission(user).event])
+    assert worker._take_handed() is None
+    assert worker.stats.claimed == 0

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import secrets
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -63,6 +65,7 @@ class WorkerStats:
     requests: int = 0
     purged: int = 0
     deferred: int = 0  # given back unspent: Inngest was unavailable
+    handed_off: int = 0  # of the claimed: taken straight from this process's commits
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +117,92 @@ class DeliveryWorker:
         self._can_send = True
         self._health_detail = "no send yet"
         self._progress = asyncio.Condition()
+        # The hand-off (DocumentIntake.hand_off_to): rows this process's API
+        # wrote already leased to this worker, by lease token, oldest first.
+        self._offer: outbox.HandOff | None = None
+        self._offers_out = 0  # offered, not yet accepted or declined
+        self._offers_settled = asyncio.Event()
+        self._offers_settled.set()
+        self._handed: dict[str, tuple[outbox.HandOff, list[ClaimedEvent]]] = {}
+        self._handed_count = 0
+        self._handed_ready = asyncio.Event()
+        self._outbox_looked_at = -math.inf  # time.monotonic() of the last claim
 
     # -- public -------------------------------------------------------------
 
     def wake(self) -> None:
         """Rows were committed: look now instead of at the next poll."""
         self._wake.set()
+
+    # -- the hand-off (see DocumentIntake.hand_off_to) ------------------------
+
+    def offer(self) -> outbox.HandOff | None:
+        """A lease for the rows of a commit about to be made, or None when this
+        worker would not send them soon (stopping, paused, Inngest unavailable,
+        every send slot taken, enough waiting already): they are written
+        pending, for whichever worker claims them."""
+        if (
+            not self._running
+            or self._stopping.is_set()
+            or self._is_paused()
+            or self._outage_failures
+            or self._capacity.locked()
+            or self._handed_count >= 2 * self._settings.worker_batch_size
+        ):
+            return None
+        now = self._clock()
+        lease = timedelta(seconds=self._settings.worker_lease_seconds)
+        if self._offer is None or self._offer.expires_at - now < lease * 0.75:
+            self._offer = outbox.HandOff(self.owner, str(uuid.uuid4()), now + lease)
+        self._offers_out += 1
+        self._offers_settled.clear()
+        return self._offer
+
+    def accept(self, hand_off: outbox.HandOff, events: list[outbox.NewEvent]) -> None:
+        self._settle_offer()
+        if not events:
+            return
+        _, group = self._handed.setdefault(hand_off.token, (hand_off, []))
+        group.extend(ClaimedEvent(e.id, e.payload, 0) for e in events)
+        self._handed_count += len(events)
+        self._handed_ready.set()
+
+    def decline(self, hand_off: outbox.HandOff) -> None:
+        self._settle_offer()
+
+    def _settle_offer(self) -> None:
+        self._offers_out -= 1
+        if self._offers_out == 0:
+            self._offers_settled.set()
+
+    def _take_handed(self) -> outbox.Claim | None:
+        """The oldest group of handed-off rows whose lease is still good."""
+        now = self._clock()
+        while self._handed:
+            token = next(iter(self._handed))
+            hand_off, events = self._handed.pop(token)
+            self._handed_count -= len(events)
+            if self._offer is not None and self._offer.token == token:
+                self._offer = None  # later commits get a lease of their own
+            if hand_off.expires_at <= now:
+                # Waited out its lease (an outage): the rows are any worker's
+                # to claim again, and are not sent from here.
+                continue
+            self.stats.claimed += len(events)
+            self.stats.handed_off += len(events)
+            return outbox.Claim(token, self.owner, events)
+        self._handed_ready.clear()
+        return None
+
+    async def _release_handed(self) -> None:
+        """At stop: what was handed off and not sent goes back to pending."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self._offers_settled.wait()
+        while self._handed:
+            token, (_, events) = self._handed.popitem()
+            self._handed_count -= len(events)
+            await self._release(_Lease(token, {e.id: e for e in events}))
 
     @property
     def health(self) -> WorkerHealth:
@@ -139,10 +222,8 @@ class DeliveryWorker:
                 if self._stopping.is_set():
                     self._capacity.release()
                     break
-                # Cleared before the claim: a commit that lands after it wakes us.
-                self._wake.clear()
                 try:
-                    claim = await self._claim()
+                    claim = await self._next_claim()
                 except Exception:
                     self._capacity.release()
                     log.exception("claiming from the outbox failed; trying again shortly")
@@ -197,6 +278,11 @@ class DeliveryWorker:
                 async with asyncio.timeout(5):
                     await self._run_exited.wait()
         await self._wait_for_tasks(loop.time() + 5)
+        try:
+            await self._release_handed()
+        except Exception:
+            # They come back when their lease expires.
+            log.exception("releasing handed-off rows at stop failed")
 
     async def _wait_for_tasks(self, deadline: float) -> None:
         """Await every delivery task, those started meanwhile too; cancel the late."""
@@ -241,6 +327,27 @@ class DeliveryWorker:
 
     # -- the loop -------------------------------------------------------------
 
+    async def _next_claim(self) -> outbox.Claim | None:
+        """Rows handed off by this process's API first, unless the outbox may
+        hold due rows too: a wake-up (rows written pending, a retry, another
+        host's commit), or no claim for a poll interval (expired leases, another
+        process's writes on SQLite). While Inngest is unavailable: the probe."""
+        now = time.monotonic()
+        if (
+            self._handed
+            and not self._wake.is_set()
+            and not self._outage_failures
+            and now - self._outbox_looked_at < self._settings.worker_poll_seconds
+        ):
+            return self._take_handed()
+        # Cleared before the claim: a commit that lands after it wakes us.
+        self._wake.clear()
+        self._outbox_looked_at = now
+        claim = await self._claim()
+        if claim is None and not self._outage_failures:
+            claim = self._take_handed()
+        return claim
+
     async def _claim(self) -> outbox.Claim | None:
         claim = await outbox.claim_batch(
             self._db,
@@ -270,7 +377,7 @@ class DeliveryWorker:
             timeout = min(timeout, max((due - self._clock()).total_seconds(), 0.005))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self._wake.wait()
+                await _first_of(self._wake, self._handed_ready)
 
     async def _linger(self) -> None:
         if self._settings.worker_linger_seconds > 0:
@@ -603,3 +710,15 @@ def split_for_request(
         size += extra
     if chunk:
         yield chunk
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until any of the events is set."""
+    if any(event.is_set() for event in events):
+        return
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
