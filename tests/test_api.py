@@ -16,6 +16,7 @@ from service.app import create_app
 from service.config import Settings
 from service.db import Database
 from service.models import documents, outbox
+from service.web.body import parse_json_object
 from tests.conftest import PASSWORD
 
 PROBLEM = "application/problem+json"
@@ -185,6 +186,9 @@ async def test_malformed_json_is_400_and_says_where(
     ("raw", "detail"),
     [
         (b'{"documentName": "a", "documentName": "b"}', "Duplicate key 'documentName'."),
+        # A colon in a string, and a key repeated deeper down: not by the count of colons.
+        (b'{"documentName": "a:b", "x": {"k": 1, "k": 1}}', "Duplicate key 'k'."),
+        (b'{"documentName": "a", "d": [{"k": ":"}, {"k": 1, "k": 2}]}', "Duplicate key 'k'."),
         (b'{"documentName": "a", "n": NaN}', "NaN is not valid JSON."),
         (b'{"documentName": "a", "n": Infinity}', "Infinity is not valid JSON."),
         (b'{"documentName": "a", "n": 1e999}', "The number 1e999 is out of range."),
@@ -198,6 +202,25 @@ async def test_invalid_json_is_400(logged_in: TestClient, raw: bytes, detail: st
     response = await logged_in.post("/api", data=raw, headers={"Content-Type": "application/json"})
     body = await problem(response, 400, "malformed_json")
     assert body["detail"] == detail
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"documentName": "a", "data": {"pages": 3, "priority": "normal", "ok": true}}',
+        b'{"documentName": "reports/q3.pdf", "at": "12:30", "tags": ["a:b", null, 1.5e-7]}',
+        b'{"documentName": "a", "b": 123456789012345678901234567890, "n": -9223372036854775809}',
+        b'{"documentName": "\\u00e9t\\u00e9 \xe2\x9c\x93", "n": -0.0, "e": 1E5}',
+        b'{"documentName": "a", "x": "' + b"y" * 9000 + b'"}',
+    ],
+    ids=["plain", "colons-in-strings", "integers-past-64-bits", "escapes", "past-8-kib"],
+)
+def test_every_body_parses_to_exactly_what_the_strict_parser_gives(raw: bytes) -> None:
+    # The fast path (orjson) where it can be sure, the strict parser elsewhere:
+    # the same values, of the same types, either way.
+    fast, strict = parse_json_object(raw), json.loads(raw)
+    assert fast == strict
+    assert repr(fast) == repr(strict)  # 1 is not 1.0, and no integer became a float
 
 
 async def test_huge_integer_is_400(logged_in: TestClient) -> None:
