@@ -128,6 +128,7 @@ async def idle_latency(samples: int) -> list[float]:
     results = []
     async with inngest_session(settings) as http:
         worker = DeliveryWorker(db, inngest_client(settings, http), settings, wake=wake)
+        intake.hand_off_to(worker)  # as `serve` wires them
         task = asyncio.create_task(worker.run())
         for i in range(samples):
             event = make_event(i, datetime.now(UTC))
@@ -136,6 +137,7 @@ async def idle_latency(samples: int) -> list[float]:
             await stand_in.received(i + 1)
             results.append(time.perf_counter() - committed)
             await asyncio.sleep(0.01)  # idle between samples: this measures the idle path
+        intake.hand_off_to(None)
         await worker.stop()
         await task
     await intake.close()

@@ -19,7 +19,7 @@ from service import auth, outbox
 from service.app import inngest_client
 from service.config import Settings
 from service.db import Database, RawJSON
-from service.delivery.worker import DeliveryWorker, split_for_request
+from service.delivery.worker import DeliveryWorker, linger_seconds, split_for_request
 from service.ids import new_event_id
 from service.intake import DocumentIntake, Submission
 from service.models import outbox as outbox_table
@@ -865,3 +865,14 @@ async def test_a_handed_off_group_past_its_lease_is_not_sent(
     worker.accept(expired, [new_submission(user).event])
     assert worker._take_handed() is None
     assert worker.stats.claimed == 0
+
+
+@pytest.mark.parametrize(
+    ("taken", "seconds"), [(1, 0.0002), (50, 0.01), (100, 0.02), (999, 0.02), (0, 0.0)]
+)
+def test_the_linger_grows_with_the_batch_up_to_worker_linger_seconds(
+    taken: int, seconds: float
+) -> None:
+    # A lone event after an idle spell is not held back; under load batches
+    # grow until the worker lingers the whole 20 ms.
+    assert linger_seconds(0.02, taken) == pytest.approx(seconds)

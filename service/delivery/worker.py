@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 # The longest a bad event key pauses the worker before it tries again.
 KEY_REJECTED_MAX_PAUSE_SECONDS = 60.0
+# A partial batch this large or larger lingers the whole WORKER_LINGER_SECONDS.
+LINGER_FULL_AT = 100
+
+
+def linger_seconds(linger: float, taken: int) -> float:
+    """How long to let rows gather after a partial batch of ``taken`` rows."""
+    return linger * min(taken / LINGER_FULL_AT, 1.0)
 
 
 def utc_now() -> datetime:
@@ -242,10 +249,9 @@ class DeliveryWorker:
                 task.add_done_callback(self._finished)
                 if len(claim.events) < self._settings.worker_batch_size:
                     # A partial batch: rows are arriving, not waiting. Let a few
-                    # milliseconds of them gather rather than claim them one
-                    # commit at a time; each claim and mark is a transaction.
-                    # (After an idle spell the first claim is immediate.)
-                    await self._linger()
+                    # milliseconds of them gather rather than send them one
+                    # commit at a time; each send, claim and mark has its cost.
+                    await self._linger(len(claim.events))
         finally:
             self._running = False
             self._run_exited.set()
@@ -379,10 +385,15 @@ class DeliveryWorker:
             async with asyncio.timeout(timeout):
                 await _first_of(self._wake, self._handed_ready)
 
-    async def _linger(self) -> None:
-        if self._settings.worker_linger_seconds > 0:
+    async def _linger(self, taken: int) -> None:
+        """Let rows gather after a partial batch of ``taken`` rows: the whole
+        WORKER_LINGER_SECONDS after LINGER_FULL_AT rows or more, proportionally
+        less after fewer. Under load batches grow until the worker lingers in
+        full; after an idle spell, a lone event waits for next to nothing."""
+        seconds = linger_seconds(self._settings.worker_linger_seconds, taken)
+        if seconds > 0:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._settings.worker_linger_seconds):
+                async with asyncio.timeout(seconds):
                     await self._stopping.wait()
 
     async def _pause_if_needed(self) -> bool:
