@@ -210,10 +210,11 @@ async def test_invalid_json_is_400(logged_in: TestClient, raw: bytes, detail: st
         b'{"documentName": "a", "data": {"pages": 3, "priority": "normal", "ok": true}}',
         b'{"documentName": "reports/q3.pdf", "at": "12:30", "tags": ["a:b", null, 1.5e-7]}',
         b'{"documentName": "a", "b": 123456789012345678901234567890, "n": -9223372036854775809}',
+        b'{"documentName": "a", "u": 18446744073709551615, "v": [18446744073709551616, 1e19]}',
         b'{"documentName": "\\u00e9t\\u00e9 \xe2\x9c\x93", "n": -0.0, "e": 1E5}',
         b'{"documentName": "a", "x": "' + b"y" * 9000 + b'"}',
     ],
-    ids=["plain", "colons-in-strings", "integers-past-64-bits", "escapes", "past-8-kib"],
+    ids=["plain", "colons-in-strings", "past-64-bits", "at-64-bits", "escapes", "past-8-kib"],
 )
 def test_every_body_parses_to_exactly_what_the_strict_parser_gives(raw: bytes) -> None:
     # The fast path (orjson) where it can be sure, the strict parser elsewhere:

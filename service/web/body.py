@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 from typing import Any
 
 import orjson
@@ -65,9 +64,6 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
-# Nineteen digits or more: maybe an integer past 64 bits, which orjson turns
-# into an inexact float. (Digits in a string match too: those take the strict path.)
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 # Counting keys walks the value in Python: past this size the strict parser is
 # as quick.
 _PLAIN_MAX_BYTES = 8192
@@ -79,12 +75,13 @@ def _parse_plain(raw: bytes) -> Any | None:
     orjson refuses what the strict parser refuses (bad UTF-8, NaN, 1e999) and
     more (lone surrogates, which the strict parser takes and the event encoder
     then refuses with its own message), so on any error the strict parser
-    parses again for the exact error. It keeps the last of duplicate keys where
-    the strict parser refuses them: every key is followed by a colon, so when
-    the body has exactly as many colons as the parsed value has keys, no colon
-    is inside a string and no key was repeated.
+    parses again for the exact error. It turns integers past 64 bits into
+    floats, which send the body to the strict parser too. It keeps the last of
+    duplicate keys where the strict parser refuses them: every key is followed
+    by a colon, so when the body has exactly as many colons as the parsed value
+    has keys, no colon is inside a string and no key was repeated.
     """
-    if len(raw) > _PLAIN_MAX_BYTES or _LONG_DIGITS.search(raw):
+    if len(raw) > _PLAIN_MAX_BYTES:
         return None
     try:
         value = orjson.loads(raw)
@@ -94,16 +91,25 @@ def _parse_plain(raw: bytes) -> Any | None:
 
 
 def _count_keys(value: Any) -> int:
+    """The keys of every object in ``value``; -1 if it holds a float of 2**63 or
+    more, which may have been an integer past 64 bits (orjson makes those inexact
+    floats)."""
     keys = 0
     stack = [value]
     while stack:
         item = stack.pop()
-        if type(item) is dict:
+        kind = type(item)
+        if kind is dict:
             keys += len(item)
             stack.extend(item.values())
-        elif type(item) is list:
+        elif kind is list:
             stack.extend(item)
+        elif kind is float and abs(item) >= _INT64_LIMIT:
+            return -1
     return keys
+
+
+_INT64_LIMIT = float(2**63)
 
 
 def _parse_strictly(raw: bytes) -> Any:
