@@ -175,6 +175,17 @@ async def test_delivers_a_batch_as_one_array_with_the_outbox_ids(
         assert row.lease_token is None and row.lease_owner is None
 
 
+async def test_an_answer_that_arrives_in_pieces_is_read_whole(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    ids = await enqueue(db, 40)
+    inngest.fail_next(Fault.TRICKLE)
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    # Not taken for "an unexpected answer" and sent again: delivered at once.
+    assert (stats.delivered, stats.retried, stats.requests) == (40, 0, 1)
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+
+
 async def test_batches_are_split_by_event_count(
     db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
 ) -> None:

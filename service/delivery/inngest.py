@@ -110,7 +110,7 @@ class InngestClient:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                text = (await response.content.read(MAX_READ_BODY)).decode("utf-8", "replace")
+                text = (await _read_capped(response.content)).decode("utf-8", "replace")
                 return self._classify(
                     response.status, text, len(payloads), response.headers.get("Retry-After")
                 )
@@ -150,6 +150,18 @@ class InngestClient:
                 status, recorded, parse_retry_after(retry_after, now=datetime.now(UTC))
             )
         return Transient(status, recorded)
+
+
+async def _read_capped(content: aiohttp.StreamReader) -> bytes:
+    """The whole body, up to MAX_READ_BODY bytes. (One read returns whatever has
+    arrived: an answer in several TCP segments would be cut short.)"""
+    body = b""
+    while len(body) < MAX_READ_BODY:
+        chunk = await content.read(MAX_READ_BODY - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
 
 
 def _json_object(text: str) -> dict[str, object] | None:

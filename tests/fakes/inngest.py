@@ -46,6 +46,7 @@ class Fault(enum.Enum):
     TEAPOT = "418"
     FORBIDDEN = "403"  # Cloud: a key of another environment
     NOT_FOUND = "404"
+    TRICKLE = "trickle"  # accepts, then answers in two writes 50 ms apart
 
 
 @dataclass
@@ -203,6 +204,8 @@ class StandIn:
         await self._accept(events)
         if fault is Fault.SLOW:
             await asyncio.sleep(self.slow_seconds)
+        if fault is Fault.TRICKLE:
+            return await _trickle(request, json.dumps({"ids": ids, "status": 200}).encode())
         return web.json_response({"ids": ids, "status": 200})
 
     def _invalid(self, event: Any) -> str | None:
@@ -246,3 +249,15 @@ def _key_not_found() -> web.Response:
     return web.json_response(
         {"status": 401, "message": "", "error": "Event key not found"}, status=401
     )
+
+
+async def _trickle(request: web.Request, body: bytes) -> web.StreamResponse:
+    """The answer in two TCP writes with a pause between, as a slow network gives it."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    await asyncio.sleep(0.05)
+    await response.write(body[len(body) // 2 :])
+    await response.write_eof()
+    return response
