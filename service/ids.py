@@ -18,13 +18,13 @@ class _RandomPool:
         self._buffer = b""
         self._offset = 0
 
-    def take10(self) -> int:
+    def take10(self) -> bytes:
         with self._lock:
             if self._offset >= len(self._buffer):
                 self._buffer, self._offset = os.urandom(_RANDOM_CHUNK), 0
             start = self._offset
             self._offset += 10
-            return int.from_bytes(self._buffer[start : start + 10], "big")
+            return self._buffer[start : start + 10]
 
 
 _pool = _RandomPool()
@@ -33,15 +33,11 @@ _pool = _RandomPool()
 def new_event_id(now_ms: int | None = None) -> str:
     """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits."""
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    rand = _pool.take10()
-    value = (
-        (ms & 0xFFFF_FFFF_FFFF) << 80
-        | 0x7 << 76  # version
-        | ((rand >> 62) & 0xFFF) << 64
-        | 0b10 << 62  # variant
-        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-    )
-    text = f"{value:032x}"
+    raw = bytearray((ms & 0xFFFF_FFFF_FFFF).to_bytes(6, "big"))
+    raw += _pool.take10()
+    raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
+    raw[8] = 0x80 | (raw[8] & 0x3F)  # variant 0b10
+    text = raw.hex()
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
