@@ -121,6 +121,7 @@ class Database:
         self.engine = create_engine(url, **engine_kwargs)
         self._writer = SQLiteWriter(url) if self.engine.dialect.name == "sqlite" else None
         self._closed = False
+        self._submitted: set[asyncio.Task[Any]] = set()  # PostgreSQL: submit()'s writes
 
     @property
     def dialect(self) -> str:
@@ -138,6 +139,30 @@ class Database:
             return await self._writer.run(job)
         async with write_engine(self.engine).begin() as conn:
             return await conn.run_sync(job)
+
+    def submit(self, job: Job[T], done: Done) -> None:
+        """``write`` without a task or a future: ``done(result, error)`` is called on
+        this event loop once the transaction has ended. (The intake's path: on
+        SQLite it hands the job to the writer thread at once, and the writer's
+        one wake-up of the loop per transaction answers every request in it.)"""
+        if self._closed:
+            raise DatabaseClosed()
+        loop = asyncio.get_running_loop()
+        if self._writer is not None:
+            self._writer.submit(job, done, loop)
+            return
+        task = loop.create_task(self.write(job))
+        self._submitted.add(task)
+        task.add_done_callback(lambda t: self._finish_submitted(t, done))
+
+    def _finish_submitted(self, task: asyncio.Task[Any], done: Done) -> None:
+        self._submitted.discard(task)
+        if task.cancelled():
+            done(None, DatabaseClosed())
+        elif (error := task.exception()) is not None:
+            done(None, error)
+        else:
+            done(task.result(), None)
 
     @property
     def writer_healthy(self) -> bool:
@@ -157,11 +182,30 @@ class Database:
         await self.close()
 
 
+# Called on the caller's event loop with (result, None) or (None, error).
+Done = Callable[[Any, BaseException | None], None]
+
+
 @dataclass(slots=True)
 class _Queued:
     job: Job[Any]
-    future: asyncio.Future[Any]
+    # The caller waits on a future (run), or is called back (submit).
+    future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop
+    done: Done | None = None
+
+    def abandoned(self) -> bool:
+        return self.future is not None and self.future.cancelled()
+
+    def settle(self, result: Any, error: BaseException | None) -> None:
+        if self.done is not None:
+            self.done(result, error)
+        elif self.future is None or self.future.done():
+            pass
+        elif error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
 
 
 class SQLiteWriter:
@@ -238,11 +282,18 @@ class SQLiteWriter:
     async def run(self, job: Job[T]) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        self._queue(_Queued(job, future, loop))
+        return await future
+
+    def submit(self, job: Job[Any], done: Done, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue ``job``; ``done`` is called on ``loop`` once its transaction ends."""
+        self._queue(_Queued(job, None, loop, done))
+
+    def _queue(self, queued: _Queued) -> None:
         with self._queue_lock:
             if self._closed or self._broken is not None or self._thread is None:
                 raise DatabaseClosed()
-            self._jobs.put(_Queued(job, future, loop))
-        return await future
+            self._jobs.put(queued)
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread (blocking)."""
@@ -304,7 +355,7 @@ class SQLiteWriter:
 
     def _transact(self, conn: Connection, batch: list[_Queued]) -> None:
         # A job whose caller gave up before it started is not run.
-        batch = [q for q in batch if not q.future.cancelled()]
+        batch = [q for q in batch if not q.abandoned()]
         if not batch:
             return
         outcomes: list[tuple[_Queued, Any, BaseException | None]] = []
@@ -396,12 +447,11 @@ def _settle_threadsafe(outcomes: list[tuple[_Queued, Any, BaseException | None]]
 
 def _settle(outcomes: list[tuple[_Queued, Any, BaseException | None]]) -> None:
     for queued, result, error in outcomes:
-        if queued.future.done():
-            continue
-        if error is not None:
-            queued.future.set_exception(error)
-        else:
-            queued.future.set_result(result)
+        try:
+            queued.settle(result, error)
+        except Exception:
+            # One caller's failing callback must not leave the others unanswered.
+            log.exception("settling a write's outcome failed")
 
 
 def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:

@@ -1,10 +1,12 @@
 """Accepting documents: the business row and its outbox row, committed together.
 
-Concurrent requests share commits (group commit): one writer task takes every
-submission waiting in its queue, writes them all in ONE transaction, commits
-once (one fsync) and only then resolves each request's future. A request is
-answered after the commit that holds its rows, never before, so an answer is
-as durable as a commit of its own, at a fraction of the fsyncs.
+Concurrent requests share commits (group commit): every submission that arrives
+before the event loop comes round goes into one batch, the batch's rows are
+written in ONE transaction with ONE commit (one fsync), and only then is each
+request's future resolved. (The database groups the batches waiting for it
+into one transaction too.) A request is answered after the commit that holds
+its rows, never before, so an answer is as durable as a commit of its own, at
+a fraction of the fsyncs.
 
 A transaction holds whole submissions: a document row and its outbox row are
 always written together or not at all, whatever is cancelled or fails.
@@ -13,7 +15,7 @@ always written together or not at all, whatever is cancelled or fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -108,14 +110,17 @@ class DocumentIntake:
     ) -> None:
         self._db = db
         self._dialect = db.dialect
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._flush_scheduled = False
+        self._in_flight = 0  # batches given to the database, not yet answered
+        self._batches_in_flight = batches_in_flight
         self._limit = queue_limit
         self._outstanding = 0
         self._batch_limit = batch_limit
         self._on_commit = on_commit
         self._closed = False
-        self._task: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(batches_in_flight)
+        self._started = False
+        self._idle = asyncio.Event()
         self._hand_off_to: HandOffTarget | None = None
         self.hook_mid_transaction: TransactionHook | None = None
         self.hook_before_commit: TransactionHook | None = None
@@ -133,111 +138,106 @@ class DocumentIntake:
 
     async def submit(self, submission: Submission) -> Accepted:
         """Write the submission durably; return once it is committed."""
-        if self._closed or self._task is None or self._task.done():
+        if self._closed or not self._started:
             raise IntakeClosed()
-        # The loop captured at start: asyncio.get_running_loop() makes a
-        # getpid() system call on every call in Python 3.11.
         # The bound counts every request waiting for its commit, queued or in
         # a batch on its way: past it, the caller answers 503 at once.
         if self._outstanding >= self._limit:
             raise Overloaded()
+        # The loop captured at start: asyncio.get_running_loop() makes a
+        # getpid() system call on every call in Python 3.11.
         pending = _Pending(submission, self._loop.create_future())
-        self._queue.put_nowait(pending)
+        self._waiting.append(pending)
         self._outstanding += 1
+        if not self._flush_scheduled:
+            # Whatever arrives until the loop comes round goes in one batch.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         try:
             # If this await is cancelled, the future is cancelled with it: the
-            # writer skips it if it has not been picked yet; if it is already in
-            # a transaction, that transaction commits or rolls back whole.
+            # writer skips it if its transaction has not begun; if it has,
+            # that transaction commits or rolls back whole.
             return await pending.future
         finally:
             self._outstanding -= 1
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run(), name="document-intake")
+        self._started = True
 
     async def close(self) -> None:
-        """Commit what is queued, then stop the writer."""
+        """Commit what is waiting, then refuse more."""
         self._closed = True
-        if self._task is None:
-            return
-        await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._fail_queued(IntakeClosed())
+        while self._waiting or self._in_flight:
+            self._idle.clear()
+            self._flush()
+            if self._waiting or self._in_flight:
+                await self._idle.wait()
 
-    async def _run(self) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                batch = [await self._queue.get()]
-                # Whatever arrived since the last batch left goes in this one.
-                while len(batch) < self._batch_limit and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                # Not awaited: the next batch forms while this one commits, and
-                # the database groups the batches waiting for it into one
-                # transaction. A bounded number in flight keeps batches large.
-                await self._slots.acquire()
-                task = asyncio.create_task(self._commit_and_account(batch))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-        finally:
-            for task in in_flight:
-                task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
+    def _flush(self) -> None:
+        """Give the waiting requests to the database in batches, as many batches
+        as may be in flight: the database groups the batches waiting for it into
+        one transaction, and a bounded number keeps batches large."""
+        self._flush_scheduled = False
+        while self._waiting and self._in_flight < self._batches_in_flight:
+            batch: list[_Pending] = []
+            while self._waiting and len(batch) < self._batch_limit:
+                pending = self._waiting.popleft()
+                if not pending.future.done():  # not cancelled while it waited
+                    batch.append(pending)
+            if batch:
+                self._commit(batch)
+        if not self._waiting and not self._in_flight:
+            self._idle.set()
 
-    async def _commit_and_account(self, batch: list[_Pending]) -> None:
-        try:
-            await self._commit_batch([p for p in batch if not p.future.done()])
-        finally:
-            self._slots.release()
-            for _ in batch:
-                self._queue.task_done()
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Start the batch's transaction; ``_committed`` gets its outcome.
 
-    async def _commit_batch(self, batch: list[_Pending]) -> None:
-        if not batch:
-            return
+        No task and no future per batch: on SQLite the writer thread's one
+        wake-up of the loop per transaction answers every request in it.
+        """
         target = self._hand_off_to
         hand_off = target.offer() if target is not None else None
+        self._in_flight += 1
+        try:
+            self._db.submit(
+                lambda conn: self._write_rows(conn, batch, hand_off),
+                lambda outcome, error: self._committed(batch, target, hand_off, outcome, error),
+            )
+        except DatabaseClosed as error:
+            self._committed(batch, target, hand_off, None, error)
+
+    def _committed(
+        self,
+        batch: list[_Pending],
+        target: HandOffTarget | None,
+        hand_off: outbox.HandOff | None,
+        outcome: tuple[list[Accepted | IntakeError | None], list[outbox.NewEvent]] | None,
+        error: BaseException | None,
+    ) -> None:
+        self._in_flight -= 1
         written: list[outbox.NewEvent] | None = None
         try:
-            written = await self._commit_offered(batch, hand_off)
+            if outcome is not None:
+                written = self._answer(batch, *outcome, handed_off=hand_off is not None)
+            else:
+                self._failed(batch, error)
         finally:
             if target is not None and hand_off is not None:
                 if written is None:
                     target.decline(hand_off)
                 else:
                     target.accept(hand_off, written)
+            self._flush()
 
-    async def _commit_offered(
-        self, batch: list[_Pending], hand_off: outbox.HandOff | None
-    ) -> list[outbox.NewEvent] | None:
-        """Commit the batch; the new events it wrote (leased by ``hand_off`` if one
-        is given), or None if it wrote nothing (each request has its answer)."""
-        try:
-            results, fresh = await self._write(batch, hand_off)
-        except asyncio.CancelledError:
-            _fail(batch, IntakeClosed())
-            raise
-        except DatabaseClosed:
-            _fail(batch, IntakeClosed())
-            return None
-        except (IntegrityError, DataError, sqlite3.IntegrityError):
-            if len(batch) == 1:
-                log.exception("a submission was refused by the database; nothing was written")
-                _fail(batch, StorageUnavailable())
-                return None
-            # One bad row must not fail the requests that shared its commit:
-            # bisect until it stands alone.
-            middle = len(batch) // 2
-            await self._commit_batch(batch[:middle])
-            await self._commit_batch(batch[middle:])
-            return None
-        except Exception:
-            log.exception("group commit of %d submissions failed; none was written", len(batch))
-            _fail(batch, StorageUnavailable())
-            return None
+    def _answer(
+        self,
+        batch: list[_Pending],
+        results: list[Accepted | IntakeError | None],
+        fresh: list[outbox.NewEvent],
+        *,
+        handed_off: bool,
+    ) -> list[outbox.NewEvent]:
         self.commits += 1
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
@@ -246,14 +246,34 @@ class DocumentIntake:
                 pending.future.set_exception(result)
             elif result is not None:
                 pending.future.set_result(result)
-        if hand_off is None and self._on_commit is not None:
+        if not handed_off and self._on_commit is not None:
             self._on_commit(len(fresh))
         return fresh
 
-    async def _write(
-        self, batch: list[_Pending], hand_off: outbox.HandOff | None
-    ) -> tuple[list[Accepted | IntakeError | None], list[outbox.NewEvent]]:
-        return await self._db.write(lambda conn: self._write_rows(conn, batch, hand_off))
+    def _failed(self, batch: list[_Pending], error: BaseException | None) -> None:
+        """Nothing of the batch was written."""
+        if isinstance(error, DatabaseClosed | asyncio.CancelledError):
+            _fail(batch, IntakeClosed())
+        elif isinstance(error, IntegrityError | DataError | sqlite3.IntegrityError):
+            if len(batch) == 1:
+                log.error(
+                    "a submission was refused by the database; nothing was written",
+                    exc_info=error,
+                )
+                _fail(batch, StorageUnavailable())
+            else:
+                # One bad row must not fail the requests that shared its
+                # commit: bisect until it stands alone.
+                middle = len(batch) // 2
+                self._commit(batch[:middle])
+                self._commit(batch[middle:])
+        else:
+            log.error(
+                "group commit of %d submissions failed; none was written",
+                len(batch),
+                exc_info=error,
+            )
+            _fail(batch, StorageUnavailable())
 
     def _write_rows(
         self, conn: Connection, batch: list[_Pending], hand_off: outbox.HandOff | None = None
@@ -328,13 +348,6 @@ class DocumentIntake:
         if first.request_hash != sub.request_hash:
             return IdempotencyKeyReused()
         return Accepted(first.event_id, replayed=True)
-
-    def _fail_queued(self, error: IntakeError) -> None:
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(error)
-            self._queue.task_done()
 
 
 def _document_row(sub: Submission) -> dict[str, object]:
