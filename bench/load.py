@@ -5,7 +5,9 @@
 needs wrk (Debian: apt-get install wrk). Every server is a process of its own
 on 127.0.0.1; wrk runs on the other core. In order:
 
-1. baseline: a bare aiohttp handler that parses the JSON and answers ok;
+1. baseline: a bare aiohttp handler that parses the JSON and answers ok,
+   measured first and again right after the service (the ratio is to the
+   mean of the two: the shared machine's speed drifts within a run);
 2. seeds: the design users replace (session check, inline POST to Inngest);
 3. service: `inngest-outbox serve` (SQLite in WAL mode, synchronous=FULL, the
    worker delivering to a stand-in Inngest in another process), with every
@@ -196,11 +198,15 @@ def main() -> None:
         wait_for_port("127.0.0.1", inngest_port, timeout=30, process=procs[-1])
         load = {"duration": args.duration, "connections": args.connections}
 
-        port = free_port()
-        procs.append(start(["-m", "bench.bare", "--port", str(port)], cwd=HERE.parent))
-        wait_for_port("127.0.0.1", port, timeout=30, process=procs[-1])
-        baseline = wrk(f"http://127.0.0.1:{port}/api", **load, env={})
-        stop(procs.pop())
+        def bare() -> Run:
+            port = free_port()
+            procs.append(start(["-m", "bench.bare", "--port", str(port)], cwd=HERE.parent))
+            wait_for_port("127.0.0.1", port, timeout=30, process=procs[-1])
+            result = wrk(f"http://127.0.0.1:{port}/api", **load, env={})
+            stop(procs.pop())
+            return result
+
+        before = bare()
 
         port = free_port()
         procs.append(
@@ -231,6 +237,18 @@ def main() -> None:
         rss = rss_mib(service.pid)
         stop(procs.pop())
         missing = check_stored(work, ids)
+        # Measured again right after the service: the machine's speed drifts
+        # (it is shared), and the ratio is to the mean of the two.
+        after = bare()
+        baseline = Run(
+            "baseline",
+            (before.rps + after.rps) / 2,
+            (before.p50_ms + after.p50_ms) / 2,
+            (before.p99_ms + after.p99_ms) / 2,
+            before.ok + after.ok,
+            before.refused + after.refused,
+            before.other + after.other,
+        )
 
         # Overload: a small write queue under 4x the connections.
         overload_env = {"WRITE_QUEUE_LIMIT": "32"}
@@ -271,6 +289,8 @@ def main() -> None:
 
     print(f"wrk -t2 -c{args.connections} -d{args.duration}s, one server process, 127.0.0.1")
     print(line("baseline: bare aiohttp JSON handler", baseline, baseline))
+    print(line("  measured first", before, baseline))
+    print(line("  measured after the service", after, baseline))
     print(line("seeds: session + inline POST", seeds, baseline))
     print(line("inngest-outbox POST /api (durable)", run, baseline))
     print(f"  acknowledged {len(ids)} (wrk counted {run.ok}), other answers {run.other}; "
