@@ -312,10 +312,15 @@ _SQLITE_LEASE = (
     "UPDATE outbox SET status = 'sending', lease_owner = ?, lease_token = ?,"
     " lease_expires_at = ? WHERE id IN (SELECT value FROM json_each(?))"
 )
-# The columns, not "IS NOT NULL" (see _LEASE).
+# The leased rows as one text: the fields of a row joined by U+001F, the rows by
+# U+001E, the payload last. JSON text never holds a raw control character, so
+# neither separator can occur in a payload, and no payload is escaped into JSON
+# and parsed back (a third of the drain's time when it was). "IS NOT NULL" is
+# sound here, in a SELECT (see _LEASE).
 _SQLITE_LEASED = (
-    "SELECT json_group_array(json_array(id, payload, attempts, last_status_code, last_error))"
-    " FROM outbox WHERE id IN (SELECT value FROM json_each(?)) AND lease_token = ?"
+    "SELECT group_concat(id || char(31) || attempts || char(31)"
+    " || (last_status_code IS NOT NULL OR last_error IS NOT NULL) || char(31) || payload,"
+    " char(30)) FROM outbox WHERE id IN (SELECT value FROM json_each(?)) AND lease_token = ?"
 )
 
 
@@ -333,11 +338,11 @@ def _claim_sqlite(
     if ids_json == "[]":
         return Claim(token, owner, [])
     raw.execute(_SQLITE_LEASE, (owner, token, sqlite_time(expires_at), ids_json))
-    (rows_json,) = raw.execute(_SQLITE_LEASED, (ids_json, token)).fetchone()
-    by_id = {
-        row[0]: ClaimedEvent(row[0], row[1], row[2], row[3] is not None or row[4] is not None)
-        for row in orjson.loads(rows_json)
-    }
+    (rows,) = raw.execute(_SQLITE_LEASED, (ids_json, token)).fetchone()
+    by_id = {}
+    for row in rows.split("\x1e") if rows else ():
+        event_id, attempts, seen, payload = row.split("\x1f", 3)
+        by_id[event_id] = ClaimedEvent(event_id, payload, int(attempts), seen == "1")
     # Oldest first, as claimed.
     return Claim(token, owner, [by_id[i] for i in orjson.loads(ids_json) if i in by_id])
 

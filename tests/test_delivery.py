@@ -175,6 +175,20 @@ async def test_delivers_a_batch_as_one_array_with_the_outbox_ids(
         assert row.lease_token is None and row.lease_owner is None
 
 
+async def test_a_claimed_event_is_sent_exactly_as_stored(
+    db: Database, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    # Quotes, backslashes, separators and control characters (escaped in the
+    # JSON text), non-ASCII: the claim hands the payload over untouched.
+    data = {"documentName": 'a "q" \\ b', "sep": "\u001e\u001f\n\t", "u": "é ✓ \u2028"}
+    [event_id] = await enqueue(db, 1, data=data)
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert stats.delivered == 1
+    [event] = inngest.accepted
+    assert event["id"] == event_id
+    assert event["data"] == data
+
+
 async def test_an_answer_that_arrives_in_pieces_is_read_whole(
     db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
 ) -> None:
