@@ -231,7 +231,11 @@ class SQLiteWriter:
             # a commit never waits for that copy and its fsync.
             dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
             # BEGIN waits for another process's writer itself (_begin_polling).
-            dbapi_connection.execute("PRAGMA busy_timeout=0")
+            # Only in WAL mode, where nothing after BEGIN IMMEDIATE can find the
+            # database busy (a file system without WAL keeps SQLite's waits).
+            (mode,) = dbapi_connection.execute("PRAGMA journal_mode").fetchone()
+            if mode == "wal":
+                dbapi_connection.execute("PRAGMA busy_timeout=0")
 
         self._path = make_url(url).database or ""
         self._checkpoint_seconds = checkpoint_seconds

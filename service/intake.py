@@ -197,7 +197,12 @@ class DocumentIntake:
         wake-up of the loop per transaction answers every request in it.
         """
         target = self._hand_off_to
-        hand_off = target.offer() if target is not None else None
+        hand_off = None
+        if target is not None:
+            try:
+                hand_off = target.offer()
+            except Exception:
+                log.exception("the hand-off target failed to offer; the rows are written pending")
         self._in_flight += 1
         try:
             self._db.submit(
@@ -216,19 +221,21 @@ class DocumentIntake:
         error: BaseException | None,
     ) -> None:
         self._in_flight -= 1
-        written: list[outbox.NewEvent] | None = None
         try:
-            if outcome is not None:
-                written = self._answer(batch, *outcome, handed_off=hand_off is not None)
-            else:
-                self._failed(batch, error)
-        finally:
-            if target is not None and hand_off is not None:
-                if written is None:
-                    target.decline(hand_off)
+            try:
+                if outcome is not None:
+                    self._answer(batch, *outcome, handed_off=hand_off is not None)
                 else:
-                    target.accept(hand_off, written)
-            self._flush()
+                    self._failed(batch, error)
+            finally:
+                # Committed or not, whatever else failed here.
+                if target is not None and hand_off is not None:
+                    if outcome is None:
+                        target.decline(hand_off)
+                    else:
+                        target.accept(hand_off, outcome[1])
+        finally:
+            self._flush()  # the next batch, and close()'s wake-up
 
     def _answer(
         self,
@@ -237,7 +244,7 @@ class DocumentIntake:
         fresh: list[outbox.NewEvent],
         *,
         handed_off: bool,
-    ) -> list[outbox.NewEvent]:
+    ) -> None:
         self.commits += 1
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
@@ -248,7 +255,6 @@ class DocumentIntake:
                 pending.future.set_result(result)
         if not handed_off and self._on_commit is not None:
             self._on_commit(len(fresh))
-        return fresh
 
     def _failed(self, batch: list[_Pending], error: BaseException | None) -> None:
         """Nothing of the batch was written."""

@@ -195,6 +195,11 @@ async def test_malformed_json_is_400_and_says_where(
         (b'{"documentName": "a", "n": -1e400}', "The number -1e400 is out of range."),
         (b'{"documentName": "\xff"}', "The body is not UTF-8 (invalid byte at offset 18)."),
         (b"[" * 100_000 + b"]" * 100_000, "The JSON is nested too deeply."),
+        # Within what orjson parses (1023 levels), past what the event encoders write.
+        (
+            b'{"documentName": "a", "d": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            "The JSON is nested too deeply.",
+        ),
         (b"", "Expecting value at line 1, column 1."),
     ],
 )

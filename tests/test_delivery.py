@@ -901,3 +901,25 @@ def test_the_linger_grows_with_the_batch_up_to_worker_linger_seconds(
     # A lone event after an idle spell is not held back; under load batches
     # grow until the worker lingers the whole 20 ms.
     assert linger_seconds(0.02, taken) == pytest.approx(seconds)
+
+
+async def test_handed_off_rows_do_not_spin_the_loop_while_inngest_is_unavailable(
+    db: Database, delivery_settings: Settings, http, user: auth.User, monkeypatch
+) -> None:
+    # They wait for the outage's end: the idle worker sleeps until a wake-up
+    # (or its poll), not at once because handed-off rows are waiting.
+    async def nothing_due(engine: object) -> None:
+        return None
+
+    monkeypatch.setattr(outbox, "next_due_at", nothing_due)
+    worker = make_worker(db, delivery_settings.replace(worker_poll_seconds=60), http)
+    worker._running = True
+    worker.accept(worker.offer(), [new_submission(user).event])  # type: ignore[arg-type]
+    worker._outage_failures = 1
+    idle = asyncio.create_task(worker._idle())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not idle.done()
+    worker.wake()
+    await idle
+    worker._running = False

@@ -134,6 +134,7 @@ class DeliveryWorker:
         self._handed_count = 0
         self._handed_ready = asyncio.Event()
         self._outbox_looked_at = -math.inf  # time.monotonic() of the last claim
+        self._lease = timedelta(seconds=settings.worker_lease_seconds)
 
     # -- public -------------------------------------------------------------
 
@@ -158,9 +159,8 @@ class DeliveryWorker:
         ):
             return None
         now = self._clock()
-        lease = timedelta(seconds=self._settings.worker_lease_seconds)
-        if self._offer is None or self._offer.expires_at - now < lease * 0.75:
-            self._offer = outbox.HandOff(self.owner, str(uuid.uuid4()), now + lease)
+        if self._offer is None or self._offer.expires_at - now < self._lease * 0.75:
+            self._offer = outbox.HandOff(self.owner, str(uuid.uuid4()), now + self._lease)
         self._offers_out += 1
         self._offers_settled.clear()
         return self._offer
@@ -191,9 +191,10 @@ class DeliveryWorker:
             self._handed_count -= len(events)
             if self._offer is not None and self._offer.token == token:
                 self._offer = None  # later commits get a lease of their own
-            if hand_off.expires_at <= now:
-                # Waited out its lease (an outage): the rows are any worker's
-                # to claim again, and are not sent from here.
+            if hand_off.expires_at - now < self._lease / 2:
+                # Waited out half its lease (an outage): sent now, the rows
+                # could be claimed again mid-send. They are left to expire and
+                # be claimed like any other expired lease.
                 continue
             self.stats.claimed += len(events)
             self.stats.handed_off += len(events)
@@ -383,7 +384,12 @@ class DeliveryWorker:
             timeout = min(timeout, max((due - self._clock()).total_seconds(), 0.005))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await _first_of(self._wake, self._handed_ready)
+                if self._outage_failures:
+                    # Handed-off rows wait for the outage's end: only a wake-up
+                    # or the next probe's time ends this sleep.
+                    await self._wake.wait()
+                else:
+                    await _first_of(self._wake, self._handed_ready)
 
     async def _linger(self, taken: int) -> None:
         """Let rows gather after a partial batch of ``taken`` rows: the whole

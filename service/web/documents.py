@@ -186,7 +186,13 @@ def serialize_event(event: dict[str, Any], limit: int) -> RawJSON:
 
 
 def _serialize_unusual(event: dict[str, Any], limit: int) -> RawJSON:
-    text = _EVENT_ENCODER.encode(event)
+    try:
+        text = _EVENT_ENCODER.encode(event)
+    except RecursionError:
+        # Deeper than the standard encoder goes (orjson parsed it: it takes 1023 levels).
+        raise Problem(
+            400, "malformed_json", "The body is not valid JSON", "The JSON is nested too deeply."
+        ) from None
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
