@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service.db import create_engine, json_rows
+from service.db import create_engine, insert_json_rows_sql, json_rows
 from service.ids import new_event_id
 from service.migrate import upgrade
 
@@ -39,15 +39,13 @@ OUTBOX_MANY = (
     "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at)"
     " VALUES (?, ?, ?, 'pending', 0, ?, ?)"
 )
-DOCUMENTS_ONE = (
-    "INSERT INTO documents (user_id, document_name, event_id, created_at)"
-    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
-    " json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?)"
+DOCUMENTS_ONE = insert_json_rows_sql(
+    "documents", ("user_id", "document_name", "event_id", "created_at")
 )
-OUTBOX_ONE = (
-    "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at)"
-    " SELECT json_extract(value, '$[0]'), 'app/document.requested', json_extract(value, '$[1]'),"
-    " 'pending', 0, json_extract(value, '$[2]'), json_extract(value, '$[2]') FROM json_each(?)"
+OUTBOX_ONE = insert_json_rows_sql(
+    "outbox",
+    ("id", "event_name", "payload", "available_at", "created_at"),
+    {"status": "'pending'", "attempts": "0"},
 )
 
 
@@ -84,7 +82,9 @@ def by_one_statement(conn: sqlite3.Connection, user_id: int, rows: int) -> None:
     ids = [new_event_id() for _ in range(rows)]
     conn.execute("BEGIN IMMEDIATE")
     conn.execute(DOCUMENTS_ONE, (json_rows((user_id, "reports/q3.pdf", i, AT) for i in ids),))
-    conn.execute(OUTBOX_ONE, (json_rows((i, PAYLOAD, AT) for i in ids),))
+    conn.execute(
+        OUTBOX_ONE, (json_rows((i, "app/document.requested", PAYLOAD, AT, AT) for i in ids),)
+    )
     conn.execute("COMMIT")
 
 

@@ -17,13 +17,14 @@ Connection run inside a transaction:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -85,14 +86,15 @@ def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Asyn
 
 
 def _has_json1() -> bool:
-    try:
-        sqlite3.connect(":memory:").execute("SELECT json_extract('[1]', '$[0]')").close()
-    except sqlite3.OperationalError:
-        return False
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        try:
+            conn.execute("SELECT json_extract('[1]', '$[0]')")
+        except sqlite3.OperationalError:
+            return False
     return True
 
 
-def json_rows(rows: Iterable[Sequence[object]]) -> bytes:
+def json_rows(rows: Iterable[Sequence[object]]) -> str:
     """Rows as one JSON array: a statement over ``json_each(?)`` writes them all.
 
     The writer thread's statements, not executemany: every step of a SQLite
@@ -100,8 +102,25 @@ def json_rows(rows: Iterable[Sequence[object]]) -> bytes:
     is busy each take can wait up to the interpreter's switch interval. A
     transaction of a hundred rows by executemany spent most of its time waiting
     there; one statement per table waits a couple of times.
+
+    Text, not bytes: SQLite 3.45 and newer read a BLOB argument of the JSON
+    functions as its binary JSONB format.
     """
-    return orjson.dumps(list(rows))
+    return orjson.dumps(list(rows)).decode()
+
+
+def insert_json_rows_sql(
+    table: str, columns: Sequence[str], fixed: Mapping[str, str] | None = None
+) -> str:
+    """An INSERT of the rows given by json_rows in its last parameter: element i
+    of each row goes to ``columns[i]``; ``fixed`` gives other columns an SQL
+    expression each (a literal, or ? for a parameter before the rows)."""
+    fixed = fixed or {}
+    extracts = [f"json_extract(value, '$[{i}]')" for i in range(len(columns))]
+    return (
+        f"INSERT INTO {table} ({', '.join([*columns, *fixed])})"
+        f" SELECT {', '.join([*extracts, *fixed.values()])} FROM json_each(?)"
+    )
 
 
 def write_engine(engine: AsyncEngine) -> AsyncEngine:

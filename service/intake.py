@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from . import outbox
-from .db import Database, DatabaseClosed, json_rows, sqlite_time
+from .db import Database, DatabaseClosed, insert_json_rows_sql, json_rows, sqlite_time
 from .delivery.notify import NOTIFY_SQL
 from .models import documents
 
@@ -83,6 +83,11 @@ class _Pending:
 # thread): between the document rows and the outbox rows (a failure there
 # must leave nothing behind), and just before COMMIT (no answer yet).
 TransactionHook = Callable[[], None]
+
+
+_SQLITE_INSERT_DOCUMENTS = insert_json_rows_sql(
+    "documents", ("user_id", "document_name", "event_id", "created_at")
+)
 
 
 class HandOffTarget(Protocol):
@@ -312,9 +317,7 @@ class DocumentIntake:
         if plain and isinstance(raw, sqlite3.Connection):
             # The hot path: one statement on the driver for every row (see json_rows).
             raw.execute(
-                "INSERT INTO documents (user_id, document_name, event_id, created_at)"
-                " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
-                " json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?)",
+                _SQLITE_INSERT_DOCUMENTS,
                 (
                     json_rows(
                         (s.user_id, s.document_name, s.event.id, sqlite_time(s.event.created_at))

@@ -93,8 +93,7 @@ class _HttpRequests(Collector):
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str, int], int] = {}
-        # route -> [count in each bucket (the last is +Inf), sum of seconds]
-        self._latency: dict[str, tuple[list[int], list[float]]] = {}
+        self._latency: dict[str, _Latency] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in METHODS:
@@ -103,9 +102,9 @@ class _HttpRequests(Collector):
         self._counts[key] = self._counts.get(key, 0) + 1
         latency = self._latency.get(route)
         if latency is None:
-            latency = self._latency[route] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
-        latency[0][bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        latency[1][0] += seconds
+            latency = self._latency[route] = _Latency()
+        latency.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        latency.total += seconds
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -121,13 +120,23 @@ class _HttpRequests(Collector):
             "Time to answer an HTTP request, by route",
             labels=["route"],
         )
-        for route, (buckets, total) in sorted(self._latency.items()):
+        for route, latency in sorted(self._latency.items()):
             cumulative, running = [], 0
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), buckets, strict=True):
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), latency.buckets, strict=True):
                 running += count
                 cumulative.append((_bound(bound), running))
-            seconds.add_metric([route], cumulative, total[0])
+            seconds.add_metric([route], cumulative, latency.total)
         yield seconds
+
+
+class _Latency:
+    """One route's histogram: a count per bucket (the last is +Inf), and the sum."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
 
 
 def _bound(value: float) -> str:

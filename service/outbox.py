@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .db import Database, RawJSON, json_rows, sqlite_time
+from .db import Database, RawJSON, insert_json_rows_sql, json_rows, sqlite_time
 from .delivery.notify import NOTIFY_SQL
 from .models import UTCDateTime, outbox, outbox_history
 
@@ -90,6 +90,19 @@ class HandOff:
     expires_at: datetime
 
 
+_SQLITE_ENQUEUE = insert_json_rows_sql(
+    "outbox",
+    ("id", "event_name", "payload", "available_at", "created_at"),
+    {
+        "status": "?",
+        "attempts": "0",
+        "lease_owner": "?",
+        "lease_token": "?",
+        "lease_expires_at": "?",
+    },
+)
+
+
 def enqueue(conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None) -> None:
     """Insert new rows in the caller's transaction: pending, or leased by ``hand_off``."""
     if not events:
@@ -104,17 +117,15 @@ def enqueue(conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | No
         # The hot path: one statement on the driver for every row (see
         # json_rows), the timestamps in SQLAlchemy's own text format.
         raw.execute(
-            "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at,"
-            " created_at, lease_owner, lease_token, lease_expires_at)"
-            " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
-            " json_extract(value, '$[2]'), ?, 0, json_extract(value, '$[3]'),"
-            " json_extract(value, '$[3]'), ?, ?, ? FROM json_each(?)",
+            _SQLITE_ENQUEUE,
             (
                 status,
                 owner,
                 token,
                 None if expires_at is None else sqlite_time(expires_at),
-                json_rows((e.id, e.name, e.payload, sqlite_time(e.created_at)) for e in events),
+                json_rows(
+                    (e.id, e.name, e.payload, t := sqlite_time(e.created_at), t) for e in events
+                ),
             ),
         )
         return
@@ -298,7 +309,7 @@ async def claim_batch(
 # The claim on SQLite, on the driver: what _EXPIRED, _DUE and _LEASE do (SQLite
 # has no row locks; the writer thread serialises claims), in three statements
 # of one step each, however many rows (see db.json_rows): expired leases first,
-# then due rows, each oldest first; the lease; the leased rows as one JSON array.
+# then due rows, each oldest first; the lease; the leased rows as one text.
 _SQLITE_CLAIMABLE = (
     "SELECT json_group_array(id) FROM ("
     " SELECT id FROM (SELECT id FROM outbox WHERE status = 'sending'"
@@ -432,9 +443,15 @@ async def _update_leased(
     ids: Sequence[str],
     token: str,
     history: tuple[dict[str, int | None], HistoryEntry] | None = None,
+    *,
+    on_sqlite: tuple[str, tuple[Any, ...]] | None = None,
     **params: Any,
 ) -> int:
-    """Run ``statement`` on the rows this lease still holds; how many it held."""
+    """Run ``statement`` on the rows this lease still holds; how many it held.
+
+    ``on_sqlite``: the same update as driver SQL and its parameters, run instead
+    of ``statement`` on SQLite (for the marks on every event's path).
+    """
     if not ids:
         return 0
     values = {"ids": list(ids), "token": token, **params}
@@ -443,11 +460,8 @@ async def _update_leased(
         if history is not None:
             _record_history(conn, token, *history)
         raw = conn.connection.driver_connection
-        if statement is _DELIVERED and isinstance(raw, sqlite3.Connection):
-            # Every delivery ends here: the driver, as for claims.
-            return raw.execute(
-                _SQLITE_DELIVERED, (sqlite_time(params["now"]), token, json.dumps(values["ids"]))
-            ).rowcount
+        if on_sqlite is not None and isinstance(raw, sqlite3.Connection):
+            return raw.execute(*on_sqlite).rowcount
         return conn.execute(statement, values).rowcount
 
     return await db.write(update)
@@ -466,7 +480,9 @@ async def mark_delivered(
     ``history``: the rows (id -> attempt) whose delivery ends a story worth
     keeping, and the outcome to record for them.
     """
-    return await _update_leased(db, _DELIVERED, ids, token, history, now=now)
+    # Every delivery ends here: on SQLite, the driver, as for claims.
+    sqlite = (_SQLITE_DELIVERED, (sqlite_time(now), token, orjson.dumps(list(ids)).decode()))
+    return await _update_leased(db, _DELIVERED, ids, token, history, on_sqlite=sqlite, now=now)
 
 
 async def mark_failed(

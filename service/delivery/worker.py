@@ -131,7 +131,6 @@ class DeliveryWorker:
         self._offers_settled = asyncio.Event()
         self._offers_settled.set()
         self._handed: dict[str, tuple[outbox.HandOff, list[ClaimedEvent]]] = {}
-        self._handed_count = 0
         self._handed_ready = asyncio.Event()
         self._outbox_looked_at = -math.inf  # time.monotonic() of the last claim
         self._lease = timedelta(seconds=settings.worker_lease_seconds)
@@ -155,7 +154,8 @@ class DeliveryWorker:
             or self._is_paused()
             or self._outage_failures
             or self._capacity.locked()
-            or self._handed_count >= 2 * self._settings.worker_batch_size
+            or sum(len(events) for _, events in self._handed.values())
+            >= 2 * self._settings.worker_batch_size
         ):
             return None
         now = self._clock()
@@ -171,7 +171,6 @@ class DeliveryWorker:
             return
         _, group = self._handed.setdefault(hand_off.token, (hand_off, []))
         group.extend(ClaimedEvent(e.id, e.payload, 0) for e in events)
-        self._handed_count += len(events)
         self._handed_ready.set()
 
     def decline(self, hand_off: outbox.HandOff) -> None:
@@ -188,7 +187,6 @@ class DeliveryWorker:
         while self._handed:
             token = next(iter(self._handed))
             hand_off, events = self._handed.pop(token)
-            self._handed_count -= len(events)
             if self._offer is not None and self._offer.token == token:
                 self._offer = None  # later commits get a lease of their own
             if hand_off.expires_at - now < self._lease / 2:
@@ -209,7 +207,6 @@ class DeliveryWorker:
                 await self._offers_settled.wait()
         while self._handed:
             token, (_, events) = self._handed.popitem()
-            self._handed_count -= len(events)
             await self._release(_Lease(token, {e.id: e for e in events}))
 
     @property
