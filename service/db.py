@@ -10,6 +10,10 @@ Connection run inside a transaction:
   own SAVEPOINT so that one failing job fails alone. The process's writers
   never meet at SQLite's lock, whose busy handler sleeps between tries, and a
   transaction costs one hand-off to the thread, not one per statement.
+  The hottest writes skip SQLAlchemy there: ``submit_rows`` (rows for one
+  INSERT, merged with the same INSERT's other rows queued) and
+  ``write_statement`` (one statement and its row count) run on the driver, and
+  a transaction of nothing else is BEGIN, the statements and COMMIT.
 - On PostgreSQL, a job runs in a transaction of its own on the async engine;
   the server handles concurrent writers.
 """
@@ -27,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -174,6 +178,24 @@ class Database:
         self._submitted.add(task)
         task.add_done_callback(lambda t: self._finish_submitted(t, done))
 
+    def submit_rows(self, rows: Rows, done: Done) -> None:
+        """SQLite only: queue ``rows`` for the writer; ``done(rows.written(), None)``
+        or ``done(None, error)`` is called on this event loop once their
+        transaction has ended."""
+        if self._closed:
+            raise DatabaseClosed()
+        if self._writer is None:
+            raise RuntimeError("submit_rows is for SQLite; use submit()")
+        self._writer.submit_rows(rows, done, asyncio.get_running_loop())
+
+    async def write_statement(self, sql: str, params: tuple[Any, ...]) -> int:
+        """SQLite only: run one driver statement in a committed transaction; its row count."""
+        if self._closed:
+            raise DatabaseClosed()
+        if self._writer is None:
+            raise RuntimeError("write_statement is for SQLite; use write()")
+        return await self._writer.run_statement(sql, params)
+
     def _finish_submitted(self, task: asyncio.Task[Any], done: Done) -> None:
         self._submitted.discard(task)
         if task.cancelled():
@@ -205,13 +227,44 @@ class Database:
 Done = Callable[[Any, BaseException | None], None]
 
 
+class Rows(Protocol):
+    """Rows for one INSERT over ``json_each(?)`` (see json_rows), taken on the
+    writer thread when their transaction runs. Rows of the same INSERT queued
+    together are written by one statement: one step of the driver, one wait
+    for the GIL, however many requests' rows it holds."""
+
+    # The INSERT; ``setup``: statements run once on the writer's connection
+    # before its first use (CREATE TEMP ... IF NOT EXISTS).
+    sql: str
+    setup: Sequence[str]
+    # Tests' hook: called after the INSERT, in its transaction (in a savepoint
+    # then); raising undoes these rows and fails them.
+    check: Callable[[], None] | None
+
+    def take(self) -> list[str]:
+        """Each row's JSON array text, as of now (called again, for its rows
+        alone, if a bad row fails the INSERT it shared with other writes)."""
+
+    def written(self) -> Any:
+        """The result for ``done`` once the rows of the last ``take`` are committed."""
+
+
+@dataclass(slots=True)
+class _Statement:
+    sql: str
+    params: tuple[Any, ...]
+
+
 @dataclass(slots=True)
 class _Queued:
-    job: Job[Any]
+    job: Job[Any] | None
     # The caller waits on a future (run), or is called back (submit).
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop
     done: Done | None = None
+    # Instead of a job: rows to merge into one INSERT, or one statement.
+    rows: Rows | None = None
+    statement: _Statement | None = None
 
     def abandoned(self) -> bool:
         return self.future is not None and self.future.cancelled()
@@ -268,6 +321,7 @@ class SQLiteWriter:
         self._broken: BaseException | None = None
         # Makes "check closed, then queue" atomic with close()'s stop marker.
         self._queue_lock = threading.Lock()
+        self._set_up: set[str] = set()  # Rows.sql whose setup has run
         self.transactions = 0
 
     @property
@@ -311,6 +365,15 @@ class SQLiteWriter:
     def submit(self, job: Job[Any], done: Done, loop: asyncio.AbstractEventLoop) -> None:
         """Queue ``job``; ``done`` is called on ``loop`` once its transaction ends."""
         self._queue(_Queued(job, None, loop, done))
+
+    def submit_rows(self, rows: Rows, done: Done, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue(_Queued(None, None, loop, done, rows=rows))
+
+    async def run_statement(self, sql: str, params: tuple[Any, ...]) -> int:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._queue(_Queued(None, future, loop, statement=_Statement(sql, params)))
+        return await future
 
     def _queue(self, queued: _Queued) -> None:
         with self._queue_lock:
@@ -404,17 +467,38 @@ class SQLiteWriter:
         batch: list[_Queued],
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> None:
-        """One transaction for the batch; each job in a savepoint of its own."""
-        if len(batch) == 1:
+        """One transaction for the batch. Driver writes first, each one statement
+        (atomic by itself: a failing one undoes only its own work); then jobs,
+        each in a savepoint of its own when it shares the transaction."""
+        raw = conn.connection.driver_connection
+        direct = [q for q in batch if q.job is None]
+        jobs = [q for q in batch if q.job is not None]
+        if not direct and len(jobs) == 1:
             # Alone in its transaction, a job needs no savepoint: its failure
             # rolls back the transaction, which held nothing else.
-            self._run_alone(conn, batch[0], outcomes)
+            self._run_alone(conn, jobs[0], outcomes)
+            return
+        if not jobs and _one_statement(direct) and self._run_autocommit(raw, direct, outcomes):
+            return
+        if not jobs:
+            # Nothing for SQLAlchemy to do: BEGIN and COMMIT on the driver too.
+            if not _begin_polling(raw):
+                raw.execute("BEGIN IMMEDIATE")  # once more, for its error
+            try:
+                self._run_direct(raw, direct, outcomes)
+                raw.execute("COMMIT")
+            except BaseException:
+                if raw.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        raw.execute("ROLLBACK")
+                raise
             return
         # Savepoints on the driver connection: SQLAlchemy's nested transaction
         # objects cost more than the statements they issue.
-        raw = conn.connection.driver_connection
         with conn.begin():
-            for queued in batch:
+            self._run_direct(raw, direct, outcomes)
+            for queued in jobs:
+                assert queued.job is not None
                 raw.execute("SAVEPOINT job")
                 try:
                     result = queued.job(conn)
@@ -431,12 +515,111 @@ class SQLiteWriter:
                     raw.execute("RELEASE job")
                     outcomes.append((queued, result, None))
 
+    def _run_autocommit(
+        self,
+        raw: sqlite3.Connection,
+        direct: list[_Queued],
+        outcomes: list[tuple[_Queued, Any, BaseException | None]],
+    ) -> bool:
+        """One statement, its own transaction: no BEGIN, no COMMIT, the fewest
+        waits for the GIL. Tried again while another process holds the write
+        lock (as _begin_polling), which raises past busy_timeout. False if it
+        failed otherwise: nothing was written, and the caller runs it in a
+        transaction, which reports each write's own outcome (there a bad row
+        among merged rows fails alone)."""
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        pause = 0.0001
+        while True:
+            mark = len(outcomes)
+            try:
+                self._run_direct(raw, direct, outcomes)
+            except Exception as exc:
+                del outcomes[mark:]
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    return False
+                if time.monotonic() >= deadline:
+                    raise  # the lock held past busy_timeout: nothing was written
+                time.sleep(pause)  # without the GIL
+                pause = min(pause * 2, 0.001)
+                continue
+            if any(error is not None for _, _, error in outcomes[mark:]):
+                del outcomes[mark:]
+                return False
+            return True
+
+    def _run_direct(
+        self,
+        raw: sqlite3.Connection,
+        direct: list[_Queued],
+        outcomes: list[tuple[_Queued, Any, BaseException | None]],
+    ) -> None:
+        """The driver writes of a transaction: each statement, then each INSERT's
+        rows merged. Raises only what ended the transaction itself."""
+        inserts: dict[str, list[_Queued]] = {}
+        for queued in direct:
+            if queued.rows is not None:
+                inserts.setdefault(queued.rows.sql, []).append(queued)
+                continue
+            assert queued.statement is not None
+            try:
+                count = raw.execute(queued.statement.sql, queued.statement.params).rowcount
+            except Exception as exc:
+                if not raw.in_transaction:
+                    raise  # disk full, I/O error: SQLite rolled everything back
+                outcomes.append((queued, None, exc))
+            else:
+                outcomes.append((queued, count, None))
+        for group in inserts.values():
+            self._insert_rows(raw, group, outcomes)
+
+    def _insert_rows(
+        self,
+        raw: sqlite3.Connection,
+        group: list[_Queued],
+        outcomes: list[tuple[_Queued, Any, BaseException | None]],
+    ) -> None:
+        """One INSERT for the rows of every write in ``group`` (all the same sql)."""
+        first = group[0].rows
+        assert first is not None
+        if first.sql not in self._set_up:
+            for statement in first.setup:
+                raw.execute(statement)
+            self._set_up.add(first.sql)
+        writes = [q.rows for q in group if q.rows is not None]
+        checks = [w.check for w in writes if w.check is not None]
+        texts = [row for w in writes for row in w.take()]
+        if checks:
+            raw.execute("SAVEPOINT rows")
+        try:
+            if texts:
+                raw.execute(first.sql, ("[" + ",".join(texts) + "]",))
+            for check in checks:
+                check()
+        except Exception as exc:
+            if not raw.in_transaction:
+                raise  # disk full, I/O error: SQLite rolled everything back
+            if checks:
+                raw.execute("ROLLBACK TO rows")
+                raw.execute("RELEASE rows")
+            if len(group) > 1 and isinstance(exc, sqlite3.IntegrityError):
+                # One write's bad row must not fail the writes it shared the
+                # statement with: each on its own.
+                for queued in group:
+                    self._insert_rows(raw, [queued], outcomes)
+                return
+            outcomes.extend((queued, None, exc) for queued in group)
+            return
+        if checks:
+            raw.execute("RELEASE rows")
+        outcomes.extend((q, w.written(), None) for q, w in zip(group, writes, strict=True))
+
     @staticmethod
     def _run_alone(
         conn: Connection,
         queued: _Queued,
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> None:
+        assert queued.job is not None
         failure: Exception | None = None
         try:
             with conn.begin():
@@ -507,6 +690,18 @@ def _configure_sqlite_sync(sync_engine: Engine, *, foreign_keys: bool) -> None:
         elif not _begin_polling(connection.connection.driver_connection):
             # Once more through SQLAlchemy, for its error (the caller's to handle).
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _one_statement(direct: list[_Queued]) -> bool:
+    """Whether these driver writes are one statement (a statement, or rows for
+    one INSERT) with no tests' hook, which needs a savepoint."""
+    if any(q.rows is not None and q.rows.check is not None for q in direct):
+        return False
+    if len(direct) == 1:
+        return True
+    return len({q.rows.sql if q.rows is not None else None for q in direct}) == 1 and all(
+        q.rows is not None for q in direct
+    )
 
 
 def _begin_polling(raw: sqlite3.Connection) -> bool:

@@ -454,6 +454,9 @@ async def _update_leased(
     """
     if not ids:
         return 0
+    if on_sqlite is not None and history is None and db.dialect == "sqlite":
+        # One statement on the driver, without SQLAlchemy's transaction.
+        return await db.write_statement(*on_sqlite)
     values = {"ids": list(ids), "token": token, **params}
 
     def update(conn: Connection) -> int:

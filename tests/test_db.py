@@ -97,3 +97,147 @@ async def test_a_write_fails_once_the_lock_is_held_past_busy_timeout(
     other.close()
     # Nothing stuck: the next write goes through.
     assert await db.write(lambda conn: conn.execute(sa.text("SELECT 2")).scalar_one()) == 2
+
+
+class Numbers:
+    """Rows for the driver-level INSERT (db.Rows): numbers into a table whose
+    CHECK refuses negative ones."""
+
+    sql = "INSERT INTO numbers (x) SELECT json_extract(value, '$[0]') FROM json_each(?)"
+    setup = ("CREATE TABLE IF NOT EXISTS numbers (x INTEGER NOT NULL CHECK (x >= 0))",)
+
+    def __init__(self, *numbers: int) -> None:
+        self.numbers = numbers
+        self.check = None
+        self.taken = 0
+
+    def take(self) -> list[str]:
+        self.taken += 1
+        return [f"[{n}]" for n in self.numbers]
+
+    def written(self) -> tuple[int, ...]:
+        return self.numbers
+
+
+async def _submit_rows(db: Database, rows: Numbers) -> object:
+    import asyncio
+
+    future = asyncio.get_running_loop().create_future()
+
+    def done(result: object, error: BaseException | None) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    db.submit_rows(rows, done)
+    return await future
+
+
+async def _numbers(db: Database) -> list[int]:
+    async with db.engine.connect() as conn:
+        return list(await conn.scalars(sa.text("SELECT x FROM numbers ORDER BY x")))
+
+
+async def _hold_writer(db: Database) -> tuple[object, object]:
+    """A job that keeps the writer thread busy until released; what is queued
+    meanwhile goes in the next transaction together."""
+    import asyncio
+    import threading
+
+    entered = asyncio.Event()
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def hold(conn: sa.Connection) -> None:
+        loop.call_soon_threadsafe(entered.set)
+        release.wait(30)
+
+    task = asyncio.create_task(db.write(hold))
+    await entered.wait()
+    return task, release
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_rows_queued_together_are_one_transaction(db: Database) -> None:
+    import asyncio
+
+    held, release = await _hold_writer(db)
+    before = db._writer.transactions  # type: ignore[union-attr]
+    writes = [Numbers(1, 2), Numbers(3), Numbers(4, 5, 6)]
+    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
+    await asyncio.sleep(0)
+    release.set()  # type: ignore[attr-defined]
+    await held  # type: ignore[misc]
+    assert await asyncio.gather(*results) == [(1, 2), (3,), (4, 5, 6)]
+    assert db._writer.transactions == before + 2  # type: ignore[union-attr]
+    assert await _numbers(db) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_bad_row_fails_only_its_own_write_among_merged_rows(db: Database) -> None:
+    import asyncio
+
+    held, release = await _hold_writer(db)
+    writes = [Numbers(1, 2), Numbers(3, -1), Numbers(4)]
+    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
+    await asyncio.sleep(0)
+    release.set()  # type: ignore[attr-defined]
+    await held  # type: ignore[misc]
+    outcomes = await asyncio.gather(*results, return_exceptions=True)
+    assert outcomes[0] == (1, 2) and outcomes[2] == (4,)
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert "CHECK constraint failed" in str(outcomes[1])
+    assert await _numbers(db) == [1, 2, 4]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_rows_wait_for_another_process_holding_the_lock(
+    db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _submit_rows(db, Numbers(0))  # the table exists before the lock is taken
+    other = _hold_write_lock(db_url)
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 3:
+            other.execute("COMMIT")
+
+    monkeypatch.setattr("service.db.time.sleep", pause)
+    assert await _submit_rows(db, Numbers(7)) == (7,)
+    assert pauses == [0.0001, 0.0002, 0.0004]
+    other.close()
+    assert await _numbers(db) == [0, 7]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_rows_fail_once_the_lock_is_held_past_busy_timeout(
+    db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _submit_rows(db, Numbers(0))
+    other = _hold_write_lock(db_url)
+    monkeypatch.setattr("service.db.SQLITE_BUSY_TIMEOUT_MS", 0)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        await _submit_rows(db, Numbers(1))
+    other.execute("COMMIT")
+    other.close()
+    assert await _submit_rows(db, Numbers(2)) == (2,)
+    assert await _numbers(db) == [0, 2]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_write_statement_gives_its_row_count_and_its_error(db: Database) -> None:
+    await _submit_rows(db, Numbers(1, 2, 3))
+    assert await db.write_statement("UPDATE numbers SET x = x + 10 WHERE x >= ?", (2,)) == 2
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+        await db.write_statement("UPDATE numbers SET x = -x WHERE x = ?", (1,))
+    assert await _numbers(db) == [1, 12, 13]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_driver_writes_are_for_sqlite_only(db: Database) -> None:
+    with pytest.raises(RuntimeError, match="submit_rows is for SQLite"):
+        db.submit_rows(Numbers(1), lambda result, error: None)
+    with pytest.raises(RuntimeError, match="write_statement is for SQLite"):
+        await db.write_statement("SELECT 1", ())

@@ -85,10 +85,13 @@ async def intake(db: Database) -> AsyncIterator[DocumentIntake]:
 
 
 async def test_concurrent_submissions_share_commits(
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    db: Database, engine: AsyncEngine, user: auth.User
 ) -> None:
+    intake = DocumentIntake(db, batch_limit=50)
+    await intake.start()
     subs = [submission(user, f"d{i}") for i in range(100)]
     results = await asyncio.gather(*(intake.submit(s) for s in subs))
+    await intake.close()
     assert results == [Accepted(s.event.id) for s in subs]
     assert await counts(engine) == (100, 100)
     # 100 submissions, batches of at most 50: two commits, not a hundred.
@@ -139,7 +142,7 @@ async def test_request_cancelled_mid_transaction_is_written_whole(
     intake.hook_mid_transaction = gate
     sub = submission(user)
     request = asyncio.create_task(intake.submit(sub))
-    await gate.entered.wait()  # the document row is written, the outbox row not yet
+    await gate.entered.wait()  # the rows are written, not yet committed
     request.cancel()  # the client went away
     with pytest.raises(asyncio.CancelledError):
         await request
@@ -200,6 +203,35 @@ async def test_one_bad_row_fails_alone(
     assert isinstance(results[4], StorageUnavailable)
     assert all(isinstance(r, Accepted) for i, r in enumerate(results) if i != 4)
     assert await counts(engine) == (11, 11)
+
+
+async def test_one_bad_submission_fails_alone_when_batches_share_a_statement(
+    db: Database, engine: AsyncEngine, user: auth.User
+) -> None:
+    # A batch of one each: on SQLite the writer merges the batches queued
+    # behind the blocker into one INSERT; the bad row must still fail alone.
+    intake = DocumentIntake(db, batch_limit=1, batches_in_flight=20)
+    await intake.start()
+    gate = Gate()
+    intake.hook_mid_transaction = gate
+    blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
+    await gate.entered.wait()
+    intake.hook_mid_transaction = None
+    ghost = auth.User(id=999, username="ghost", is_admin=False)
+    subs = [submission(user, f"ok{i}") for i in range(6)]
+    subs.insert(2, submission(ghost, "bad"))
+    tasks = [asyncio.create_task(intake.submit(s)) for s in subs]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    gate.release.set()
+    await blocker
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await intake.close()
+    assert isinstance(results[2], StorageUnavailable)
+    assert [r for i, r in enumerate(results) if i != 2] == [
+        Accepted(s.event.id) for i, s in enumerate(subs) if i != 2
+    ]
+    assert await counts(engine) == (7, 7)
 
 
 async def test_writer_recovers_after_a_failed_batch(
