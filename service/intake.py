@@ -97,7 +97,7 @@ _SQLITE_INSERT_DOCUMENTS = insert_json_rows_sql(
 # atomic by itself: a document is never kept without its event. TEMP objects
 # live on the writer's connection only; the schema knows nothing of them.
 # A row: [user_id, document_name, event_id, created_at, event_name, payload,
-#         status, lease_owner, lease_token, lease_expires_at]
+#         *outbox.sqlite_lease]
 _SQLITE_SETUP = (
     "CREATE TEMP VIEW IF NOT EXISTS intake_rows (rows) AS SELECT NULL",
     "CREATE TEMP TRIGGER IF NOT EXISTS intake_rows_insert"
@@ -105,15 +105,7 @@ _SQLITE_SETUP = (
     " INSERT INTO documents (user_id, document_name, event_id, created_at)"
     " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
     " json_extract(value, '$[2]'), json_extract(value, '$[3]')"
-    " FROM json_each(NEW.rows);"
-    " INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at,"
-    " lease_owner, lease_token, lease_expires_at)"
-    " SELECT json_extract(value, '$[2]'), json_extract(value, '$[4]'),"
-    " json_extract(value, '$[5]'), json_extract(value, '$[6]'), 0,"
-    " json_extract(value, '$[3]'), json_extract(value, '$[3]'), json_extract(value, '$[7]'),"
-    " json_extract(value, '$[8]'), json_extract(value, '$[9]')"
-    " FROM json_each(NEW.rows);"
-    " END",
+    " FROM json_each(NEW.rows); " + outbox.sqlite_enqueue_from("NEW.rows", first=2) + "; END",
 )
 _SQLITE_INSERT = "INSERT INTO intake_rows (rows) VALUES (?)"
 
@@ -133,15 +125,7 @@ class _SQLiteRows:
         hand_off: outbox.HandOff | None,
         check: Callable[[], None] | None,
     ) -> None:
-        if hand_off is None:
-            lease: tuple[str | None, ...] = (outbox.OutboxStatus.PENDING.value, None, None, None)
-        else:
-            lease = (
-                outbox.OutboxStatus.SENDING.value,
-                hand_off.owner,
-                hand_off.token,
-                sqlite_time(hand_off.expires_at),
-            )
+        lease = outbox.sqlite_lease(hand_off)
         self._batch = batch
         self._texts = [
             orjson.dumps(

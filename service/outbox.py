@@ -103,6 +103,36 @@ _SQLITE_ENQUEUE = insert_json_rows_sql(
 )
 
 
+def sqlite_lease(hand_off: HandOff | None) -> tuple[str | None, ...]:
+    """A new row's status, lease_owner, lease_token and lease_expires_at on
+    SQLite: pending, or leased by ``hand_off``."""
+    if hand_off is None:
+        return (OutboxStatus.PENDING.value, None, None, None)
+    return (
+        OutboxStatus.SENDING.value,
+        hand_off.owner,
+        hand_off.token,
+        sqlite_time(hand_off.expires_at),
+    )
+
+
+def sqlite_enqueue_from(source: str, first: int) -> str:
+    """SQLite: the INSERT of new rows from the JSON arrays of ``json_each(source)``
+    (the intake's one statement). From element ``first`` on, each array holds
+    the event's id, created_at (as sqlite_time), name and payload, then its
+    sqlite_lease."""
+
+    def element(i: int) -> str:
+        return f"json_extract(value, '$[{first + i}]')"
+
+    return (
+        "INSERT INTO outbox (id, created_at, available_at, event_name, payload, status,"
+        " attempts, lease_owner, lease_token, lease_expires_at)"
+        f" SELECT {element(0)}, {element(1)}, {element(1)}, {element(2)}, {element(3)},"
+        f" {element(4)}, 0, {element(5)}, {element(6)}, {element(7)} FROM json_each({source})"
+    )
+
+
 def enqueue(conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None) -> None:
     """Insert new rows in the caller's transaction: pending, or leased by ``hand_off``."""
     if not events:
@@ -114,15 +144,12 @@ def enqueue(conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | No
         expires_at = hand_off.expires_at
     raw = conn.connection.driver_connection
     if isinstance(raw, sqlite3.Connection):
-        # The hot path: one statement on the driver for every row (see
-        # json_rows), the timestamps in SQLAlchemy's own text format.
+        # One statement on the driver for every row (see json_rows), the
+        # timestamps in SQLAlchemy's own text format.
         raw.execute(
             _SQLITE_ENQUEUE,
             (
-                status,
-                owner,
-                token,
-                None if expires_at is None else sqlite_time(expires_at),
+                *sqlite_lease(hand_off),
                 json_rows(
                     (e.id, e.name, e.payload, t := sqlite_time(e.created_at), t) for e in events
                 ),
