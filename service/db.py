@@ -12,8 +12,9 @@ Connection run inside a transaction:
   transaction costs one hand-off to the thread, not one per statement.
   The hottest writes skip SQLAlchemy there: ``submit_rows`` (rows for one
   INSERT, merged with the same INSERT's other rows queued) and
-  ``write_statement`` (one statement and its row count) run on the driver, and
-  a transaction of nothing else is BEGIN, the statements and COMMIT.
+  ``write_statement`` (one statement and its row count) run on the driver. A
+  transaction of nothing else is BEGIN, the statements and COMMIT on the
+  driver; of one statement, that statement alone (autocommit).
 - On PostgreSQL, a job runs in a transaction of its own on the async engine;
   the server handles concurrent writers.
 """

@@ -64,20 +64,28 @@ def _hold_write_lock(db_url: str) -> sqlite3.Connection:
     return other
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_a_write_waits_for_another_process_holding_the_lock(
-    db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    other = _hold_write_lock(db_url)
+def _commit_after_three_pauses(
+    other: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> list[float]:
+    """The writer's pauses while it finds the lock taken; at the third, the
+    other transaction ends."""
     pauses: list[float] = []
 
     def pause(seconds: float) -> None:
-        # The writer found the lock taken and waits: the other transaction ends.
         pauses.append(seconds)
         if len(pauses) == 3:
             other.execute("COMMIT")
 
     monkeypatch.setattr("service.db.time.sleep", pause)
+    return pauses
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_write_waits_for_another_process_holding_the_lock(
+    db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = _hold_write_lock(db_url)
+    pauses = _commit_after_three_pauses(other, monkeypatch)
     result = await db.write(lambda conn: conn.execute(sa.text("SELECT 41 + 1")).scalar_one())
     assert result == 42
     # Short pauses, doubling: not SQLite's own 1, 2, 5 ms and up.
@@ -197,14 +205,7 @@ async def test_rows_wait_for_another_process_holding_the_lock(
 ) -> None:
     await _submit_rows(db, Numbers(0))  # the table exists before the lock is taken
     other = _hold_write_lock(db_url)
-    pauses: list[float] = []
-
-    def pause(seconds: float) -> None:
-        pauses.append(seconds)
-        if len(pauses) == 3:
-            other.execute("COMMIT")
-
-    monkeypatch.setattr("service.db.time.sleep", pause)
+    pauses = _commit_after_three_pauses(other, monkeypatch)
     assert await _submit_rows(db, Numbers(7)) == (7,)
     assert pauses == [0.0001, 0.0002, 0.0004]
     other.close()

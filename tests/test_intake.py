@@ -183,9 +183,25 @@ async def test_failed_transaction_fails_every_submission_and_writes_nothing(
         assert await conn.scalar(sa.select(sa.func.count()).select_from(documents)) == 0
 
 
+@pytest.mark.parametrize(
+    ("batch_limit", "batches_in_flight"),
+    [
+        # One batch: the intake bisects it until the bad row stands alone.
+        (50, 4),
+        # A batch each: on SQLite the writer merges the batches queued behind
+        # the blocker into one INSERT, then runs each alone when it fails.
+        (1, 20),
+    ],
+)
 async def test_one_bad_row_fails_alone(
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    db: Database,
+    engine: AsyncEngine,
+    user: auth.User,
+    batch_limit: int,
+    batches_in_flight: int,
 ) -> None:
+    intake = DocumentIntake(db, batch_limit=batch_limit, batches_in_flight=batches_in_flight)
+    await intake.start()
     gate = Gate()
     intake.hook_mid_transaction = gate
     blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
@@ -198,41 +214,16 @@ async def test_one_bad_row_fails_alone(
     subs.insert(4, submission(ghost, "bad"))
     tasks = [asyncio.create_task(intake.submit(s)) for s in subs]
     await asyncio.sleep(0)
-    gate.release.set()
-    await blocker
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert isinstance(results[4], StorageUnavailable)
-    assert all(isinstance(r, Accepted) for i, r in enumerate(results) if i != 4)
-    assert await counts(engine) == (11, 11)
-
-
-async def test_one_bad_submission_fails_alone_when_batches_share_a_statement(
-    db: Database, engine: AsyncEngine, user: auth.User
-) -> None:
-    # A batch of one each: on SQLite the writer merges the batches queued
-    # behind the blocker into one INSERT; the bad row must still fail alone.
-    intake = DocumentIntake(db, batch_limit=1, batches_in_flight=20)
-    await intake.start()
-    gate = Gate()
-    intake.hook_mid_transaction = gate
-    blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
-    await gate.entered.wait()
-    intake.hook_mid_transaction = None
-    ghost = auth.User(id=999, username="ghost", is_admin=False)
-    subs = [submission(user, f"ok{i}") for i in range(6)]
-    subs.insert(2, submission(ghost, "bad"))
-    tasks = [asyncio.create_task(intake.submit(s)) for s in subs]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # and flushed to the database, behind the blocker
     gate.release.set()
     await blocker
     results = await asyncio.gather(*tasks, return_exceptions=True)
     await intake.close()
-    assert isinstance(results[2], StorageUnavailable)
-    assert [r for i, r in enumerate(results) if i != 2] == [
-        Accepted(s.event.id) for i, s in enumerate(subs) if i != 2
+    assert isinstance(results[4], StorageUnavailable)
+    assert [r for i, r in enumerate(results) if i != 4] == [
+        Accepted(s.event.id) for i, s in enumerate(subs) if i != 4
     ]
-    assert await counts(engine) == (7, 7)
+    assert await counts(engine) == (11, 11)
 
 
 async def test_writer_recovers_after_a_failed_batch(
