@@ -239,7 +239,7 @@ class Rows(Protocol):
     sql: str
     setup: Sequence[str]
     # Tests' hook: called after the INSERT, in its transaction (in a savepoint
-    # then); raising undoes these rows and fails them.
+    # then); raising undoes the INSERT and fails every write merged into it.
     check: Callable[[], None] | None
 
     def take(self) -> list[str]:
@@ -303,9 +303,10 @@ class SQLiteWriter:
             # The checkpointer thread copies the WAL into the database file;
             # a commit never waits for that copy and its fsync.
             dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
-            # BEGIN waits for another process's writer itself (_begin_polling).
-            # Only in WAL mode, where nothing after BEGIN IMMEDIATE can find the
-            # database busy (a file system without WAL keeps SQLite's waits).
+            # BEGIN, or a lone statement, waits for another process's writer
+            # itself (_begin_polling, _run_autocommit). Only in WAL mode, where
+            # nothing after BEGIN IMMEDIATE can find the database busy (a file
+            # system without WAL keeps SQLite's waits).
             (mode,) = dbapi_connection.execute("PRAGMA journal_mode").fetchone()
             if mode == "wal":
                 dbapi_connection.execute("PRAGMA busy_timeout=0")
@@ -472,8 +473,13 @@ class SQLiteWriter:
         (atomic by itself: a failing one undoes only its own work); then jobs,
         each in a savepoint of its own when it shares the transaction."""
         raw = conn.connection.driver_connection
+        if raw.in_transaction:
+            # A transaction left open by a COMMIT and a ROLLBACK that both
+            # failed: what follows must not run (and be answered) inside it.
+            raw.execute("ROLLBACK")
         direct = [q for q in batch if q.job is None]
         jobs = [q for q in batch if q.job is not None]
+        self._set_up_rows(raw, direct)
         if not direct and len(jobs) == 1:
             # Alone in its transaction, a job needs no savepoint: its failure
             # rolls back the transaction, which held nothing else.
@@ -516,6 +522,16 @@ class SQLiteWriter:
                     raw.execute("RELEASE job")
                     outcomes.append((queued, result, None))
 
+    def _set_up_rows(self, raw: sqlite3.Connection, direct: list[_Queued]) -> None:
+        """Each Rows' setup, once, outside any transaction: a rollback would
+        undo TEMP objects created in it."""
+        for queued in direct:
+            rows = queued.rows
+            if rows is not None and rows.sql not in self._set_up:
+                for statement in rows.setup:
+                    raw.execute(statement)
+                self._set_up.add(rows.sql)
+
     def _run_autocommit(
         self,
         raw: sqlite3.Connection,
@@ -543,9 +559,8 @@ class SQLiteWriter:
                 time.sleep(pause)  # without the GIL
                 pause = min(pause * 2, 0.001)
                 continue
-            if any(error is not None for _, _, error in outcomes[mark:]):
-                del outcomes[mark:]
-                return False
+            # Outside a transaction a failing statement raised above: every
+            # outcome here is a success.
             return True
 
     def _run_direct(
@@ -582,10 +597,6 @@ class SQLiteWriter:
         """One INSERT for the rows of every write in ``group`` (all the same sql)."""
         first = group[0].rows
         assert first is not None
-        if first.sql not in self._set_up:
-            for statement in first.setup:
-                raw.execute(statement)
-            self._set_up.add(first.sql)
         writes = [q.rows for q in group if q.rows is not None]
         checks = [w.check for w in writes if w.check is not None]
         texts = [row for w in writes for row in w.take()]

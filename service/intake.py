@@ -82,7 +82,8 @@ class _Pending:
 
 # Hooks for tests, called inside the transaction (on the database's writer
 # thread): between the document rows and the outbox rows (a failure there
-# must leave nothing behind), and just before COMMIT (no answer yet).
+# must leave nothing behind), and just before COMMIT (no answer yet). On the
+# SQLite fast path one statement writes both rows: both run after it.
 TransactionHook = Callable[[], None]
 
 
@@ -292,7 +293,7 @@ class DocumentIntake:
                 self._db.submit_rows(_SQLiteRows(batch, hand_off, check), done)
             else:
                 self._db.submit(lambda conn: self._write_rows(conn, batch, hand_off), done)
-        except DatabaseClosed as error:
+        except Exception as error:  # closed, or the rows failed to encode: nothing written
             self._committed(batch, target, hand_off, None, error)
 
     def _committed(

@@ -242,3 +242,34 @@ async def test_driver_writes_are_for_sqlite_only(db: Database) -> None:
         db.submit_rows(Numbers(1), lambda result, error: None)
     with pytest.raises(RuntimeError, match="write_statement is for SQLite"):
         await db.write_statement("SELECT 1", ())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_rows_setup_outlives_a_transaction_that_failed(db: Database) -> None:
+    import asyncio
+
+    def ends_the_transaction(conn: sa.Connection) -> None:
+        conn.connection.driver_connection.execute("ROLLBACK")  # as a disk error would
+
+    held, release = await _hold_writer(db)
+    # The first rows share a transaction with the failing job: their setup
+    # must not be undone with it.
+    failing = asyncio.create_task(db.write(ends_the_transaction))
+    rows = asyncio.create_task(_submit_rows(db, Numbers(1)))
+    await asyncio.sleep(0)
+    release.set()  # type: ignore[attr-defined]
+    await held  # type: ignore[misc]
+    outcomes = await asyncio.gather(failing, rows, return_exceptions=True)
+    assert all(isinstance(o, sqlite3.OperationalError) for o in outcomes), outcomes
+    assert await _submit_rows(db, Numbers(2)) == (2,)
+    assert await _numbers(db) == [2]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_nothing_is_answered_inside_a_transaction_left_open(db: Database) -> None:
+    await _submit_rows(db, Numbers(0))
+    # The writer's connection left inside a transaction (as by a COMMIT and a
+    # ROLLBACK that both failed): the next write must not run inside it.
+    await db.write_statement("BEGIN", ())
+    assert await _submit_rows(db, Numbers(5)) == (5,)
+    assert await _numbers(db) == [0, 5]  # committed: another connection sees it
