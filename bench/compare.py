@@ -1,0 +1,117 @@
+"""Compare this checkout's POST /api with another checkout's, under the same load.
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python -m bench.compare /tmp/before [--rounds 12] [--duration 3]
+
+On a shared machine the speed of one run drifts by a third within minutes (the
+bare handler alone measured 11,853 to 18,779 req/s in one afternoon), so two
+bench.load runs cannot tell a 10 % change from the noise. Here both services
+and a bare aiohttp handler are up at once, each with its own database and a
+stand-in Inngest, and short wrk runs take turns between them, round after
+round (the order reversed every other round). A change is judged by the median
+over rounds of the ratio of the two services' req/s in the same round.
+
+Prints each server's median req/s and p99, and the ratios; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.load import (
+    HERE,
+    KEY,
+    PASSWORD,
+    Run,
+    free_port,
+    http_json,
+    prepare_database,
+    service_env,
+    start,
+    stop,
+    wait_for_port,
+    wrk,
+)
+
+
+def start_checkout(root: Path, inngest: str, procs: list) -> tuple[str, str]:
+    """``inngest-outbox serve`` from the checkout at ``root``; its URL and a session cookie."""
+    work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    env = service_env(work, inngest, PYTHONPATH=str(root))
+    prepare_database(work, env)
+    port = free_port()
+    env = service_env(work, inngest, PORT=str(port), PYTHONPATH=str(root))
+    procs.append(start(["-m", "service", "serve", "--dev"], cwd=work, env=env))
+    wait_for_port("127.0.0.1", port, timeout=60, process=procs[-1])
+    url = f"http://127.0.0.1:{port}"
+    _, cookie = http_json(f"{url}/auth/login", {"username": "bench", "password": PASSWORD})
+    return f"{url}/api", cookie
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("other", type=Path, help="the other checkout (git worktree add ...)")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    if not (args.other / "service").is_dir():
+        sys.exit(f"{args.other} is not a checkout of inngest-outbox")
+
+    procs: list = []
+    inngest_port = free_port()
+    inngest = f"http://127.0.0.1:{inngest_port}"
+    results: dict[str, list[Run]] = {"this": [], "other": [], "bare": []}
+    try:
+        procs.append(
+            start(
+                ["-m", "bench.standin", "--port", str(inngest_port), "--key", KEY],
+                cwd=HERE.parent,
+            )
+        )
+        wait_for_port("127.0.0.1", inngest_port, timeout=30, process=procs[-1])
+        targets = {
+            "this": start_checkout(HERE.parent, inngest, procs),
+            "other": start_checkout(args.other.resolve(), inngest, procs),
+        }
+        bare_port = free_port()
+        procs.append(start(["-m", "bench.bare", "--port", str(bare_port)], cwd=HERE.parent))
+        wait_for_port("127.0.0.1", bare_port, timeout=30, process=procs[-1])
+        targets["bare"] = (f"http://127.0.0.1:{bare_port}/api", "")
+        load = {"duration": args.duration, "connections": args.connections}
+        for i in range(args.rounds):
+            order = list(targets) if i % 2 == 0 else list(reversed(targets))
+            for name in order:
+                url, cookie = targets[name]
+                results[name].append(wrk(url, **load, env={"COOKIE": cookie} if cookie else {}))
+            print(
+                f"  round {i + 1}: "
+                + "  ".join(f"{name} {results[name][-1].rps:.0f}" for name in targets),
+                flush=True,
+            )
+    finally:
+        for proc in procs:
+            stop(proc)
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x.rps / y.rps for x, y in zip(results[a], results[b], strict=True))
+
+    print(f"wrk -t2 -c{args.connections}, {args.rounds} rounds of {args.duration} s each")
+    for name, label in (("this", "this checkout"), ("other", str(args.other)), ("bare", "bare")):
+        runs = results[name]
+        print(
+            f"{label:40} median {statistics.median(r.rps for r in runs):7.0f} req/s"
+            f"  p99 {statistics.median(r.p99_ms for r in runs):6.2f} ms"
+        )
+    print(f"this / other, median of the rounds' ratios: {paired('this', 'other'):.3f}")
+    print(
+        f"this / bare:  {paired('this', 'bare'):.1%}   other / bare: {paired('other', 'bare'):.1%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
