@@ -12,9 +12,10 @@ Connection run inside a transaction:
   transaction costs one hand-off to the thread, not one per statement.
   The hottest writes skip SQLAlchemy there: ``submit_rows`` (rows for one
   INSERT, merged with the same INSERT's other rows queued) and
-  ``write_statement`` (one statement and its row count) run on the driver. A
-  transaction of nothing else is BEGIN, the statements and COMMIT on the
-  driver; of one statement, that statement alone (autocommit).
+  ``write_statement`` (one statement and its row count) run on the driver.
+  When nothing else is queued with them, each such statement is a transaction
+  of its own, without BEGIN and COMMIT (autocommit), answered as soon as it
+  ends; beside SQLAlchemy jobs they share the jobs' transaction.
 - On PostgreSQL, a job runs in a transaction of its own on the async engine;
   the server handles concurrent writers.
 """
@@ -446,6 +447,9 @@ class SQLiteWriter:
         batch = [q for q in batch if not q.abandoned()]
         if not batch:
             return
+        if all(q.job is None for q in batch):
+            self._write_statements(conn.connection.driver_connection, batch)
+            return
         outcomes: list[tuple[_Queued, Any, BaseException | None]] = []
         try:
             self._run_batch(conn, batch, outcomes)
@@ -463,42 +467,85 @@ class SQLiteWriter:
             self.transactions += 1
         _settle_threadsafe(outcomes)
 
+    def _write_statements(self, raw: sqlite3.Connection, batch: list[_Queued]) -> None:
+        """Driver writes only: each statement (all the rows for one INSERT
+        merged) a transaction of its own, without BEGIN and COMMIT, and answered
+        as soon as it ends: the fewest waits for the GIL. The intake's rows go
+        first, as requests wait for them."""
+        units = _statements(batch)
+        try:
+            self._prepare(raw, batch)
+        except Exception as exc:
+            log.error("SQLite writer could not prepare %d writes: %s", len(batch), exc)
+            _settle_threadsafe([(queued, None, exc) for queued in batch])
+            return
+        for i, unit in enumerate(units):
+            outcomes: list[tuple[_Queued, Any, BaseException | None]] = []
+            try:
+                hooked = any(q.rows is not None and q.rows.check is not None for q in unit)
+                if hooked or not self._run_autocommit(raw, unit, outcomes):
+                    # A tests' hook needs a savepoint, and a failed statement
+                    # runs again in a transaction that reports each write's
+                    # own outcome.
+                    outcomes = []
+                    self._run_in_transaction(raw, unit, outcomes)
+            except Exception as exc:
+                log.error("SQLite transaction of %d writes failed: %s", len(unit), exc)
+                outcomes = [(queued, None, exc) for queued in unit]
+            except BaseException as exc:
+                # The thread is going down: no caller may wait forever.
+                with self._queue_lock:
+                    self._broken = exc
+                rest = [queued for later in units[i:] for queued in later]
+                _settle_threadsafe([(queued, None, DatabaseClosed()) for queued in rest])
+                raise
+            else:
+                self.transactions += 1
+            _settle_threadsafe(outcomes)
+
+    def _prepare(self, raw: sqlite3.Connection, direct: list[_Queued]) -> None:
+        if raw.in_transaction:
+            # A transaction left open by a COMMIT and a ROLLBACK that both
+            # failed: what follows must not run (and be answered) inside it.
+            raw.execute("ROLLBACK")
+        self._set_up_rows(raw, direct)
+
+    def _run_in_transaction(
+        self,
+        raw: sqlite3.Connection,
+        direct: list[_Queued],
+        outcomes: list[tuple[_Queued, Any, BaseException | None]],
+    ) -> None:
+        """BEGIN, the statements and COMMIT, on the driver."""
+        if not _begin_polling(raw):
+            raw.execute("BEGIN IMMEDIATE")  # once more, for its error
+        try:
+            self._run_direct(raw, direct, outcomes)
+            raw.execute("COMMIT")
+        except BaseException:
+            if raw.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    raw.execute("ROLLBACK")
+            raise
+
     def _run_batch(
         self,
         conn: Connection,
         batch: list[_Queued],
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> None:
-        """One transaction for the batch. Driver writes first, each one statement
-        (atomic by itself: a failing one undoes only its own work); then jobs,
-        each in a savepoint of its own when it shares the transaction."""
+        """One transaction for a batch with jobs in it. Driver writes first,
+        each one statement (atomic by itself: a failing one undoes only its own
+        work); then the jobs, each in a savepoint of its own when it shares the
+        transaction."""
         raw = conn.connection.driver_connection
-        if raw.in_transaction:
-            # A transaction left open by a COMMIT and a ROLLBACK that both
-            # failed: what follows must not run (and be answered) inside it.
-            raw.execute("ROLLBACK")
         direct = [q for q in batch if q.job is None]
         jobs = [q for q in batch if q.job is not None]
-        self._set_up_rows(raw, direct)
+        self._prepare(raw, direct)
         if not direct and len(jobs) == 1:
             # Alone in its transaction, a job needs no savepoint: its failure
             # rolls back the transaction, which held nothing else.
             self._run_alone(conn, jobs[0], outcomes)
-            return
-        if not jobs and _one_statement(direct) and self._run_autocommit(raw, direct, outcomes):
-            return
-        if not jobs:
-            # Nothing for SQLAlchemy to do: BEGIN and COMMIT on the driver too.
-            if not _begin_polling(raw):
-                raw.execute("BEGIN IMMEDIATE")  # once more, for its error
-            try:
-                self._run_direct(raw, direct, outcomes)
-                raw.execute("COMMIT")
-            except BaseException:
-                if raw.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        raw.execute("ROLLBACK")
-                raise
             return
         # Savepoints on the driver connection: SQLAlchemy's nested transaction
         # objects cost more than the statements they issue.
@@ -704,16 +751,17 @@ def _configure_sqlite_sync(sync_engine: Engine, *, foreign_keys: bool) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _one_statement(direct: list[_Queued]) -> bool:
-    """Whether these driver writes are one statement (a statement, or rows for
-    one INSERT) with no tests' hook, which needs a savepoint."""
-    if any(q.rows is not None and q.rows.check is not None for q in direct):
-        return False
-    if len(direct) == 1:
-        return True
-    return len({q.rows.sql if q.rows is not None else None for q in direct}) == 1 and all(
-        q.rows is not None for q in direct
-    )
+def _statements(direct: list[_Queued]) -> list[list[_Queued]]:
+    """Driver writes as statements: the rows for each INSERT together (first),
+    then each statement alone."""
+    inserts: dict[str, list[_Queued]] = {}
+    statements: list[list[_Queued]] = []
+    for queued in direct:
+        if queued.rows is not None:
+            inserts.setdefault(queued.rows.sql, []).append(queued)
+        else:
+            statements.append([queued])
+    return [*inserts.values(), *statements]
 
 
 def _begin_polling(raw: sqlite3.Connection) -> bool:

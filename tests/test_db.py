@@ -273,3 +273,26 @@ async def test_nothing_is_answered_inside_a_transaction_left_open(db: Database) 
     await db.write_statement("BEGIN", ())
     assert await _submit_rows(db, Numbers(5)) == (5,)
     assert await _numbers(db) == [0, 5]  # committed: another connection sees it
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_driver_writes_queued_together_commit_one_statement_each(db: Database) -> None:
+    import asyncio
+
+    await _submit_rows(db, Numbers(0))
+    held, release = await _hold_writer(db)
+    before = db._writer.transactions  # type: ignore[union-attr]
+    rows = [asyncio.create_task(_submit_rows(db, Numbers(n))) for n in (1, 2)]
+    bad = asyncio.create_task(db.write_statement("UPDATE numbers SET x = -1 WHERE x = 0", ()))
+    good = asyncio.create_task(db.write_statement("UPDATE numbers SET x = 10 WHERE x = 0", ()))
+    await asyncio.sleep(0)
+    release.set()  # type: ignore[attr-defined]
+    await held  # type: ignore[misc]
+    assert await asyncio.gather(*rows) == [(1,), (2,)]
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+        await bad
+    assert await good == 1
+    # The held job's, the two inserts' (merged) and each statement's: a
+    # failing statement fails alone.
+    assert db._writer.transactions == before + 4  # type: ignore[union-attr]
+    assert await _numbers(db) == [1, 2, 10]
