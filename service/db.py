@@ -458,14 +458,17 @@ class SQLiteWriter:
             log.error("SQLite transaction of %d jobs failed: %s", len(batch), exc)
             outcomes = [(queued, None, exc) for queued in batch]
         except BaseException as exc:
-            # The thread is going down: no caller may wait forever.
-            with self._queue_lock:
-                self._broken = exc
-            _settle_threadsafe([(queued, None, DatabaseClosed()) for queued in batch])
+            self._going_down(exc, batch)
             raise
         else:
             self.transactions += 1
         _settle_threadsafe(outcomes)
+
+    def _going_down(self, exc: BaseException, unanswered: list[_Queued]) -> None:
+        """The thread is going down: no caller may wait forever."""
+        with self._queue_lock:
+            self._broken = exc
+        _settle_threadsafe([(queued, None, DatabaseClosed()) for queued in unanswered])
 
     def _write_statements(self, raw: sqlite3.Connection, batch: list[_Queued]) -> None:
         """Driver writes only: each statement (all the rows for one INSERT
@@ -493,11 +496,7 @@ class SQLiteWriter:
                 log.error("SQLite transaction of %d writes failed: %s", len(unit), exc)
                 outcomes = [(queued, None, exc) for queued in unit]
             except BaseException as exc:
-                # The thread is going down: no caller may wait forever.
-                with self._queue_lock:
-                    self._broken = exc
-                rest = [queued for later in units[i:] for queued in later]
-                _settle_threadsafe([(queued, None, DatabaseClosed()) for queued in rest])
+                self._going_down(exc, [queued for later in units[i:] for queued in later])
                 raise
             else:
                 self.transactions += 1
