@@ -305,7 +305,7 @@ class SQLiteWriter:
             # a commit never waits for that copy and its fsync.
             dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
             # BEGIN, or a lone statement, waits for another process's writer
-            # itself (_begin_polling, _run_autocommit). Only in WAL mode, where
+            # itself (_while_busy). Only in WAL mode, where
             # nothing after BEGIN IMMEDIATE can find the database busy (a file
             # system without WAL keeps SQLite's waits).
             (mode,) = dbapi_connection.execute("PRAGMA journal_mode").fetchone()
@@ -516,8 +516,7 @@ class SQLiteWriter:
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> None:
         """BEGIN, the statements and COMMIT, on the driver."""
-        if not _begin_polling(raw):
-            raw.execute("BEGIN IMMEDIATE")  # once more, for its error
+        _while_busy(lambda: raw.execute("BEGIN IMMEDIATE"))
         try:
             self._run_direct(raw, direct, outcomes)
             raw.execute("COMMIT")
@@ -585,29 +584,19 @@ class SQLiteWriter:
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> bool:
         """One statement, its own transaction: no BEGIN, no COMMIT, the fewest
-        waits for the GIL. Tried again while another process holds the write
-        lock (as _begin_polling), which raises past busy_timeout. False if it
-        failed otherwise: nothing was written, and the caller runs it in a
-        transaction, which reports each write's own outcome (there a bad row
+        waits for the GIL; tried again while another process holds the write
+        lock (_while_busy), which raises past busy_timeout. False if it failed
+        otherwise: nothing was written (outside a transaction a failing
+        statement raises before its outcome is kept), and the caller runs it in
+        a transaction, which reports each write's own outcome (there a bad row
         among merged rows fails alone)."""
-        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-        pause = 0.0001
-        while True:
-            mark = len(outcomes)
-            try:
-                self._run_direct(raw, direct, outcomes)
-            except Exception as exc:
-                del outcomes[mark:]
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
-                    return False
-                if time.monotonic() >= deadline:
-                    raise  # the lock held past busy_timeout: nothing was written
-                time.sleep(pause)  # without the GIL
-                pause = min(pause * 2, 0.001)
-                continue
-            # Outside a transaction a failing statement raised above: every
-            # outcome here is a success.
-            return True
+        try:
+            _while_busy(lambda: self._run_direct(raw, direct, outcomes))
+        except Exception as exc:
+            if _is_busy(exc):
+                raise  # the lock held past busy_timeout: nothing was written
+            return False
+        return True
 
     def _run_direct(
         self,
@@ -615,12 +604,12 @@ class SQLiteWriter:
         direct: list[_Queued],
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> None:
-        """The driver writes of a transaction: each statement, then each INSERT's
-        rows merged. Raises only what ended the transaction itself."""
-        inserts: dict[str, list[_Queued]] = {}
-        for queued in direct:
+        """The driver writes of a transaction (see _statements). Raises only what
+        ended the transaction itself."""
+        for unit in _statements(direct):
+            queued = unit[0]
             if queued.rows is not None:
-                inserts.setdefault(queued.rows.sql, []).append(queued)
+                self._insert_rows(raw, unit, outcomes)
                 continue
             assert queued.statement is not None
             try:
@@ -631,8 +620,6 @@ class SQLiteWriter:
                 outcomes.append((queued, None, exc))
             else:
                 outcomes.append((queued, count, None))
-        for group in inserts.values():
-            self._insert_rows(raw, group, outcomes)
 
     def _insert_rows(
         self,
@@ -763,26 +750,36 @@ def _statements(direct: list[_Queued]) -> list[list[_Queued]]:
     return [*inserts.values(), *statements]
 
 
-def _begin_polling(raw: sqlite3.Connection) -> bool:
-    """BEGIN IMMEDIATE, tried again every few hundred microseconds while another
-    process (a worker beside the API, say) holds the write lock.
+def _while_busy(attempt: Callable[[], T]) -> T:
+    """``attempt()``, tried again every few hundred microseconds while another
+    process (a worker beside the API, say) holds the write lock; its error once
+    the lock is still taken at busy_timeout's deadline, or at once if another.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and more between
     tries, while the other process's transactions last a millisecond or two: two
     processes writing at once made each other wait tens of milliseconds (the
-    API's p99 went to 260 ms beside a worker process). The deadline is the same
-    as busy_timeout's. False if it did not begin (the lock still taken, or
-    another error).
+    API's p99 went to 260 ms beside a worker process).
     """
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
     pause = 0.0001
     while True:
         try:
-            raw.execute("BEGIN IMMEDIATE")
-            return True
+            return attempt()
         except sqlite3.OperationalError as exc:
-            busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
-            if not busy or time.monotonic() >= deadline:
-                return False
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
         time.sleep(pause)  # without the GIL
         pause = min(pause * 2, 0.001)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _begin_polling(raw: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE (see _while_busy); False if it did not begin."""
+    try:
+        _while_busy(lambda: raw.execute("BEGIN IMMEDIATE"))
+    except sqlite3.OperationalError:
+        return False
+    return True

@@ -103,17 +103,18 @@ _SQLITE_ENQUEUE = insert_json_rows_sql(
 )
 
 
-def sqlite_lease(hand_off: HandOff | None) -> tuple[str | None, ...]:
-    """A new row's status, lease_owner, lease_token and lease_expires_at on
-    SQLite: pending, or leased by ``hand_off``."""
+def _lease(hand_off: HandOff | None) -> tuple[str, str | None, str | None, datetime | None]:
+    """A new row's status, lease_owner, lease_token and lease_expires_at:
+    pending, or leased by ``hand_off``."""
     if hand_off is None:
-        return (OutboxStatus.PENDING.value, None, None, None)
-    return (
-        OutboxStatus.SENDING.value,
-        hand_off.owner,
-        hand_off.token,
-        sqlite_time(hand_off.expires_at),
-    )
+        return OutboxStatus.PENDING.value, None, None, None
+    return OutboxStatus.SENDING.value, hand_off.owner, hand_off.token, hand_off.expires_at
+
+
+def sqlite_lease(hand_off: HandOff | None) -> tuple[str | None, ...]:
+    """_lease as SQLite stores it (the expiry as sqlite_time)."""
+    status, owner, token, expires_at = _lease(hand_off)
+    return status, owner, token, None if expires_at is None else sqlite_time(expires_at)
 
 
 def sqlite_enqueue_from(source: str, first: int) -> str:
@@ -137,11 +138,6 @@ def enqueue(conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | No
     """Insert new rows in the caller's transaction: pending, or leased by ``hand_off``."""
     if not events:
         return
-    if hand_off is None:
-        status, owner, token, expires_at = OutboxStatus.PENDING.value, None, None, None
-    else:
-        status, owner, token = OutboxStatus.SENDING.value, hand_off.owner, hand_off.token
-        expires_at = hand_off.expires_at
     raw = conn.connection.driver_connection
     if isinstance(raw, sqlite3.Connection):
         # One statement on the driver for every row (see json_rows), the
@@ -156,6 +152,7 @@ def enqueue(conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | No
             ),
         )
         return
+    status, owner, token, expires_at = _lease(hand_off)
     conn.execute(
         outbox.insert(),
         [
