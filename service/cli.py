@@ -160,6 +160,7 @@ async def _serve(settings: Settings) -> int:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
         tune_garbage_collector()
+        shorten_switch_interval()
         log.info(
             "serving on http://%s:%d (profile %s, worker %s)",
             settings.host,
@@ -191,6 +192,24 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+
+
+# How long a thread waiting for the GIL lets the thread holding it run on
+# before asking for it (Python's default: 5 ms).
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def shorten_switch_interval() -> None:
+    """Let the database's writer thread take the GIL back from a busy event loop
+    within half a millisecond instead of five.
+
+    The SQLite writer releases the GIL for each statement and needs it back to
+    answer the requests the statement committed; while the event loop is busy
+    it waited up to the whole interval, and a whole wave of requests with it.
+    Measured with bench.compare (30 rounds against the default): median 1.046
+    of the default's throughput, 20 rounds of 30 faster.
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -242,6 +261,7 @@ async def _work(settings: Settings, *, burst: bool, metrics_port: int | None = N
                 await web.TCPSite(status, settings.host, metrics_port).start()
                 log.info("serving /metrics on http://%s:%d", settings.host, metrics_port)
             tune_garbage_collector()
+            shorten_switch_interval()
             log.info("worker %s delivering to %s", worker.owner, settings.inngest_base_url)
             task = asyncio.create_task(worker.run())
             retention = asyncio.create_task(worker.purge_forever())

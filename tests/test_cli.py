@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
-from service import migrate
+from service import cli, migrate
 from tests.support.s3 import MotoS3
 from tests.support.service import ServiceProcess, base_env, run_cli
 
@@ -188,3 +189,14 @@ def test_dev_profile_keeps_its_secret_private(tmp_path: Path, env: dict[str, str
     assert stat.S_IMODE(secret_file.parent.stat().st_mode) == 0o700
     assert len(base64.urlsafe_b64decode(secret_file.read_text().strip())) == 32
     assert secret_file.read_text().strip() not in service.log()
+
+
+def test_serving_processes_shorten_the_switch_interval() -> None:
+    """serve and worker call it once started (see service.cli)."""
+    before = sys.getswitchinterval()
+    try:
+        cli.shorten_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert sys.getswitchinterval() < before
+    finally:
+        sys.setswitchinterval(before)
