@@ -11,6 +11,11 @@ stand-in Inngest, and short wrk runs take turns between them, round after
 round (the order reversed every other round). A change is judged by the median
 over rounds of the ratio of the two services' req/s in the same round.
 
+Rounds still scatter: in one 30-round comparison (2026-11-23) the middle half
+of the rounds' ratios lay between 0.988 and 1.095 around a median of 1.046.
+For a change of a few per cent use 30 rounds or more, and look at how many
+rounds went each way.
+
 Prints each server's median req/s and p99, and the ratios; asserts nothing.
 """
 
@@ -97,8 +102,11 @@ def main() -> None:
         for proc in procs:
             stop(proc)
 
+    def ratios(a: str, b: str) -> list[float]:
+        return [x.rps / y.rps for x, y in zip(results[a], results[b], strict=True)]
+
     def paired(a: str, b: str) -> float:
-        return statistics.median(x.rps / y.rps for x, y in zip(results[a], results[b], strict=True))
+        return statistics.median(ratios(a, b))
 
     print(f"wrk -t2 -c{args.connections}, {args.rounds} rounds of {args.duration} s each")
     for name, label in (("this", "this checkout"), ("other", str(args.other)), ("bare", "bare")):
@@ -108,6 +116,16 @@ def main() -> None:
             f"  p99 {statistics.median(r.p99_ms for r in runs):6.2f} ms"
         )
     print(f"this / other, median of the rounds' ratios: {paired('this', 'other'):.3f}")
+    this_other = ratios("this", "other")
+    if len(this_other) >= 2:
+        # How far one comparison can be trusted: the spread of the rounds, and
+        # how many went each way (by chance, about half of them would).
+        low, _, high = statistics.quantiles(this_other, n=4)
+        faster = sum(ratio > 1 for ratio in this_other)
+        print(
+            f"  rounds' ratios: quartiles {low:.3f} to {high:.3f}; "
+            f"this faster in {faster} of {len(this_other)} rounds"
+        )
     print(
         f"this / bare:  {paired('this', 'bare'):.1%}   other / bare: {paired('other', 'bare'):.1%}"
     )
