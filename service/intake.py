@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from . import outbox
-from .db import Database, DatabaseClosed, insert_json_rows_sql, json_rows, sqlite_time
+from .db import Database, DatabaseClosed, sqlite_time
 from .delivery.notify import NOTIFY_SQL
 from .models import documents
 
@@ -86,10 +86,6 @@ class _Pending:
 # SQLite fast path one statement writes both rows: both run after it.
 TransactionHook = Callable[[], None]
 
-
-_SQLITE_INSERT_DOCUMENTS = insert_json_rows_sql(
-    "documents", ("user_id", "document_name", "event_id", "created_at")
-)
 
 # The hot path on SQLite: both rows of every submission of the batches waiting
 # for the writer by ONE statement (Database.submit_rows), an INSERT into a view
@@ -262,9 +258,20 @@ class DocumentIntake:
                 if not pending.future.done():  # not cancelled while it waited
                     batch.append(pending)
             if batch:
-                self._commit(batch)
+                self._commit_split(batch)
         if not self._waiting and not self._in_flight:
             self._idle.set()
+
+    def _commit_split(self, batch: list[_Pending]) -> None:
+        """On SQLite, requests with an Idempotency-Key need a statement each
+        (the key may be taken): they go in a transaction of their own, and the
+        others still take the one-statement path (_SQLiteRows)."""
+        if self._dialect == "sqlite":
+            keyed = [p for p in batch if p.submission.idempotency_key is not None]
+            if keyed and len(keyed) < len(batch):
+                self._commit([p for p in batch if p.submission.idempotency_key is None])
+                batch = keyed
+        self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Start the batch's transaction; ``_committed`` gets its outcome.
@@ -392,19 +399,7 @@ class DocumentIntake:
             results.append(result)
             if isinstance(result, Accepted) and not result.replayed:
                 fresh.append(sub.event)
-        raw = conn.connection.driver_connection
-        if plain and isinstance(raw, sqlite3.Connection):
-            # The hot path: one statement on the driver for every row (see json_rows).
-            raw.execute(
-                _SQLITE_INSERT_DOCUMENTS,
-                (
-                    json_rows(
-                        (s.user_id, s.document_name, s.event.id, sqlite_time(s.event.created_at))
-                        for s in plain
-                    ),
-                ),
-            )
-        elif plain:
+        if plain:  # PostgreSQL: on SQLite they take _SQLiteRows (see _commit_split)
             conn.execute(documents.insert(), [_document_row(s) for s in plain])
         if self.hook_mid_transaction is not None:
             self.hook_mid_transaction()

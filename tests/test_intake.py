@@ -323,3 +323,33 @@ async def test_the_rows_written_are_exactly_the_submission(
     assert row.created_at.replace(tzinfo=None) == created
     assert (row.lease_owner, row.lease_token, row.lease_expires_at) == (None, None, None)
     assert (row.delivered_at, row.last_error, row.last_status_code) == (None, None, None)
+
+
+async def test_keyed_and_plain_requests_in_one_batch_are_each_written_whole(
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+) -> None:
+    def keyed(name: str) -> Submission:
+        sub = submission(user, name)
+        sub.idempotency_key, sub.request_hash = f"key-{name}", "0" * 64
+        return sub
+
+    # Submitted together: one batch, which SQLite splits (the plain ones keep
+    # the one-statement path) and PostgreSQL writes in one transaction.
+    subs = [submission(user, "p0"), keyed("k0"), submission(user, "p1"), keyed("k1")]
+    results = await asyncio.gather(*(intake.submit(s) for s in subs))
+    assert results == [Accepted(s.event.id) for s in subs]
+    async with engine.connect() as conn:
+        docs = (await conn.execute(sa.select(documents).order_by(documents.c.id))).all()
+        events = set((await conn.scalars(sa.select(outbox_table.c.id))).all())
+    assert {(d.document_name, d.event_id, d.idempotency_key) for d in docs} == {
+        ("p0", subs[0].event.id, None),
+        ("k0", subs[1].event.id, "key-k0"),
+        ("p1", subs[2].event.id, None),
+        ("k1", subs[3].event.id, "key-k1"),
+    }
+    assert events == {s.event.id for s in subs}
+
+    # The key still answers for its first request, and writes nothing more.
+    again = keyed("k0")
+    assert await intake.submit(again) == Accepted(subs[1].event.id, replayed=True)
+    assert await counts(engine) == (4, 4)
