@@ -1,16 +1,19 @@
 """Why the SQLite writer inserts a transaction's rows with one statement, not executemany.
 
-    .venv/bin/python -m bench.writer_gil [--rows 50] [--transactions 40]
+    .venv/bin/python -m bench.writer_gil [--rows 50] [--transactions 40] [--switch-interval S]
 
 Every step of a SQLite statement releases the GIL and must take it back. While
-another thread runs Python (the event loop, under load), each take can wait up
-to the interpreter's switch interval (5 ms). executemany steps once per row;
-the writer's insert over json_each(?) steps once for all of them.
+another thread runs Python (the event loop, under load), each take can wait
+up to the interpreter's switch interval (Python's 5 ms; `serve` sets 0.5 ms).
+executemany steps once per row; one statement per table steps a few times a
+transaction; the intake's statement (a TEMP view's trigger writes both tables)
+once, and needs no BEGIN and COMMIT.
 
 Runs transactions of --rows document and outbox rows (the service's schema, a
 real file, synchronous=FULL) on a thread, first alone, then beside a thread
 that keeps the GIL busy, and prints each way's time per transaction and the
-ratio of busy to idle.
+ratio of busy to idle. Alone, plain multi-row INSERTs cost SQLite the least;
+beside a busy thread, the fewest steps win.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import asyncio
 import functools
 import sqlite3
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from service import intake
+from service.cli import SWITCH_INTERVAL_SECONDS
 from service.db import create_engine, insert_json_rows_sql, json_rows
 from service.ids import new_event_id
 from service.migrate import upgrade
@@ -88,6 +94,32 @@ def by_one_statement(conn: sqlite3.Connection, user_id: int, rows: int) -> None:
     conn.execute("COMMIT")
 
 
+def by_values(conn: sqlite3.Connection, user_id: int, rows: int) -> None:
+    """Plain multi-row INSERTs, one per table: the least work for SQLite."""
+    ids = [new_event_id() for _ in range(rows)]
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(
+        "INSERT INTO documents (user_id, document_name, event_id, created_at) VALUES "
+        + ", ".join(["(?, ?, ?, ?)"] * rows),
+        [value for i in ids for value in (user_id, "reports/q3.pdf", i, AT)],
+    )
+    conn.execute(
+        "INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at)"
+        " VALUES " + ", ".join(["(?, ?, ?, 'pending', 0, ?, ?)"] * rows),
+        [value for i in ids for value in (i, "app/document.requested", PAYLOAD, AT, AT)],
+    )
+    conn.execute("COMMIT")
+
+
+def by_intake_statement(conn: sqlite3.Connection, user_id: int, rows: int) -> None:
+    """What the service runs: the intake's one statement, in autocommit."""
+    texts = json_rows(
+        (user_id, "reports/q3.pdf", new_event_id(), AT, "app/document.requested", PAYLOAD)
+        for _ in range(rows)
+    )
+    conn.execute(intake._SQLITE_INSERT, (texts, "pending", None, None, None))
+
+
 def median_ms(write: Callable[[], None], transactions: int, *, busy: bool) -> float:
     stop = threading.Event()
 
@@ -120,16 +152,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=50)
     parser.add_argument("--transactions", type=int, default=40)
+    parser.add_argument("--switch-interval", type=float, default=SWITCH_INTERVAL_SECONDS)
     args = parser.parse_args()
+    sys.setswitchinterval(args.switch_interval)
     with tempfile.TemporaryDirectory() as work:
         conn, user_id = open_database(Path(work) / "bench.db")
-        print(f"{args.rows} requests' rows a transaction, median of {args.transactions}:")
-        for name, how in (("executemany", by_executemany), ("one statement", by_one_statement)):
+        for statement in intake._SQLITE_SETUP:
+            conn.execute(statement)
+        print(
+            f"{args.rows} requests' rows a transaction, median of {args.transactions},"
+            f" switch interval {args.switch_interval * 1000:g} ms:"
+        )
+        shapes = (
+            ("executemany", by_executemany),
+            ("one statement a table", by_one_statement),
+            ("multi-row VALUES", by_values),
+            ("the intake's statement", by_intake_statement),
+        )
+        for name, how in shapes:
             write = functools.partial(how, conn, user_id, args.rows)
             idle = median_ms(write, args.transactions, busy=False)
             busy = median_ms(write, args.transactions, busy=True)
             print(
-                f"  {name:14} alone {idle:7.2f} ms   beside a busy thread {busy:8.2f} ms"
+                f"  {name:23} alone {idle:7.2f} ms   beside a busy thread {busy:8.2f} ms"
                 f"   ({busy / idle:5.1f}x)"
             )
         conn.close()

@@ -231,13 +231,17 @@ Done = Callable[[Any, BaseException | None], None]
 
 class Rows(Protocol):
     """Rows for one INSERT over ``json_each(?)`` (see json_rows), taken on the
-    writer thread when their transaction runs. Rows of the same INSERT queued
-    together are written by one statement: one step of the driver, one wait
-    for the GIL, however many requests' rows it holds."""
+    writer thread when their transaction runs. Rows of the same INSERT with the
+    same other parameters queued together are written by one statement: one
+    step of the driver, one wait for the GIL, however many requests' rows it
+    holds."""
 
-    # The INSERT; ``setup``: statements run once on the writer's connection
-    # before its first use (CREATE TEMP ... IF NOT EXISTS).
+    # The INSERT: the rows' JSON its first parameter, ``params`` the others
+    # (writes are merged only when both are the same); ``setup``: statements
+    # run once on the writer's connection before its first use
+    # (CREATE TEMP ... IF NOT EXISTS).
     sql: str
+    params: tuple[Any, ...]
     setup: Sequence[str]
     # Tests' hook: called after the INSERT, in its transaction (in a savepoint
     # then); raising undoes the INSERT and fails every write merged into it.
@@ -637,7 +641,7 @@ class SQLiteWriter:
             raw.execute("SAVEPOINT rows")
         try:
             if texts:
-                raw.execute(first.sql, ("[" + ",".join(texts) + "]",))
+                raw.execute(first.sql, ("[" + ",".join(texts) + "]", *first.params))
             for check in checks:
                 check()
         except Exception as exc:
@@ -738,13 +742,13 @@ def _configure_sqlite_sync(sync_engine: Engine, *, foreign_keys: bool) -> None:
 
 
 def _statements(direct: list[_Queued]) -> list[list[_Queued]]:
-    """Driver writes as statements: the rows for each INSERT together (first),
-    then each statement alone."""
-    inserts: dict[str, list[_Queued]] = {}
+    """Driver writes as statements: the rows for each INSERT and parameters
+    together (first), then each statement alone."""
+    inserts: dict[tuple[str, tuple[Any, ...]], list[_Queued]] = {}
     statements: list[list[_Queued]] = []
     for queued in direct:
         if queued.rows is not None:
-            inserts.setdefault(queued.rows.sql, []).append(queued)
+            inserts.setdefault((queued.rows.sql, queued.rows.params), []).append(queued)
         else:
             statements.append([queued])
     return [*inserts.values(), *statements]

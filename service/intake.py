@@ -93,18 +93,26 @@ TransactionHook = Callable[[], None]
 # one step of the driver, so one wait for the GIL on the writer thread, and is
 # atomic by itself: a document is never kept without its event. TEMP objects
 # live on the writer's connection only; the schema knows nothing of them.
-# A row: [user_id, document_name, event_id, created_at, event_name, payload,
-#         *outbox.sqlite_lease]
+# A row: [user_id, document_name, event_id, created_at, event_name, payload].
+# The lease (outbox.sqlite_lease) is the batch's, a parameter of its own: the
+# rows' JSON is parsed again for every value taken from it, and the lease is
+# four of a row's ten values.
+_SQLITE_LEASE = ("status", "lease_owner", "lease_token", "lease_expires_at")
 _SQLITE_SETUP = (
-    "CREATE TEMP VIEW IF NOT EXISTS intake_rows (rows) AS SELECT NULL",
+    f"CREATE TEMP VIEW IF NOT EXISTS intake_rows (rows, {', '.join(_SQLITE_LEASE)})"
+    " AS SELECT NULL, NULL, NULL, NULL, NULL",
     "CREATE TEMP TRIGGER IF NOT EXISTS intake_rows_insert"
     " INSTEAD OF INSERT ON intake_rows BEGIN"
     " INSERT INTO documents (user_id, document_name, event_id, created_at)"
     " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
     " json_extract(value, '$[2]'), json_extract(value, '$[3]')"
-    " FROM json_each(NEW.rows); " + outbox.sqlite_enqueue_from("NEW.rows", first=2) + "; END",
+    " FROM json_each(NEW.rows); "
+    + outbox.sqlite_enqueue_from("NEW.rows", first=2, lease=[f"NEW.{c}" for c in _SQLITE_LEASE])
+    + "; END",
 )
-_SQLITE_INSERT = "INSERT INTO intake_rows (rows) VALUES (?)"
+_SQLITE_INSERT = (
+    f"INSERT INTO intake_rows (rows, {', '.join(_SQLITE_LEASE)}) VALUES (?, ?, ?, ?, ?)"
+)
 
 
 class _SQLiteRows:
@@ -112,7 +120,7 @@ class _SQLiteRows:
     event loop, as the batch goes; taken on the writer thread when its
     transaction runs, less the requests cancelled meanwhile."""
 
-    __slots__ = ("_batch", "_texts", "_kept", "check")
+    __slots__ = ("_batch", "_texts", "_kept", "check", "params")
     sql = _SQLITE_INSERT
     setup = _SQLITE_SETUP
 
@@ -122,7 +130,7 @@ class _SQLiteRows:
         hand_off: outbox.HandOff | None,
         check: Callable[[], None] | None,
     ) -> None:
-        lease = outbox.sqlite_lease(hand_off)
+        self.params = outbox.sqlite_lease(hand_off)
         self._batch = batch
         self._texts = [
             orjson.dumps(
@@ -133,7 +141,6 @@ class _SQLiteRows:
                     sqlite_time(e.created_at),
                     e.name,
                     e.payload,
-                    *lease,
                 )
             ).decode()
             for p in batch

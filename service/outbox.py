@@ -117,20 +117,22 @@ def sqlite_lease(hand_off: HandOff | None) -> tuple[str | None, ...]:
     return status, owner, token, None if expires_at is None else sqlite_time(expires_at)
 
 
-def sqlite_enqueue_from(source: str, first: int) -> str:
+def sqlite_enqueue_from(source: str, first: int, lease: Sequence[str]) -> str:
     """SQLite: the INSERT of new rows from the JSON arrays of ``json_each(source)``
     (the intake's one statement). From element ``first`` on, each array holds
-    the event's id, created_at (as sqlite_time), name and payload, then its
-    sqlite_lease."""
+    the event's id, created_at (as sqlite_time), name and payload; ``lease``
+    gives the SQL of the rows' status, lease_owner, lease_token and
+    lease_expires_at (see sqlite_lease)."""
 
     def element(i: int) -> str:
         return f"json_extract(value, '$[{first + i}]')"
 
+    status, owner, token, expires_at = lease
     return (
         "INSERT INTO outbox (id, created_at, available_at, event_name, payload, status,"
         " attempts, lease_owner, lease_token, lease_expires_at)"
         f" SELECT {element(0)}, {element(1)}, {element(1)}, {element(2)}, {element(3)},"
-        f" {element(4)}, 0, {element(5)}, {element(6)}, {element(7)} FROM json_each({source})"
+        f" {status}, 0, {owner}, {token}, {expires_at} FROM json_each({source})"
     )
 
 

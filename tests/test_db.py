@@ -111,11 +111,12 @@ class Numbers:
     """Rows for the driver-level INSERT (db.Rows): numbers into a table whose
     CHECK refuses negative ones."""
 
-    sql = "INSERT INTO numbers (x) SELECT json_extract(value, '$[0]') FROM json_each(?)"
-    setup = ("CREATE TABLE IF NOT EXISTS numbers (x INTEGER NOT NULL CHECK (x >= 0))",)
+    sql = "INSERT INTO numbers (x, tag) SELECT json_extract(value, '$[0]'), ?2 FROM json_each(?1)"
+    setup = ("CREATE TABLE IF NOT EXISTS numbers (x INTEGER NOT NULL CHECK (x >= 0), tag TEXT)",)
 
-    def __init__(self, *numbers: int) -> None:
+    def __init__(self, *numbers: int, tag: str = "a") -> None:
         self.numbers = numbers
+        self.params = (tag,)
         self.check = None
         self.taken = 0
 
@@ -180,6 +181,25 @@ async def test_rows_queued_together_are_one_transaction(db: Database) -> None:
     assert await asyncio.gather(*results) == [(1, 2), (3,), (4, 5, 6)]
     assert db._writer.transactions == before + 2  # type: ignore[union-attr]
     assert await _numbers(db) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_rows_with_other_parameters_are_not_merged(db: Database) -> None:
+    import asyncio
+
+    held, release = await _hold_writer(db)
+    before = db._writer.transactions  # type: ignore[union-attr]
+    writes = [Numbers(1, tag="a"), Numbers(2, tag="b"), Numbers(3, 4, tag="a")]
+    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
+    await asyncio.sleep(0)
+    release.set()  # type: ignore[attr-defined]
+    await held  # type: ignore[misc]
+    assert await asyncio.gather(*results) == [(1,), (2,), (3, 4)]
+    # The held job, then one INSERT for tag a's rows and one for tag b's.
+    assert db._writer.transactions == before + 3  # type: ignore[union-attr]
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(sa.text("SELECT x, tag FROM numbers ORDER BY x"))).all()
+    assert [tuple(row) for row in rows] == [(1, "a"), (2, "b"), (3, "a"), (4, "a")]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
