@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from bench.load import (
@@ -35,6 +34,7 @@ from bench.load import (
     free_port,
     http_json,
     prepare_database,
+    scratch_dir,
     service_env,
     start,
     stop,
@@ -45,7 +45,7 @@ from bench.load import (
 
 def start_checkout(root: Path, inngest: str, procs: list) -> tuple[str, str]:
     """``inngest-outbox serve`` from the checkout at ``root``; its URL and a session cookie."""
-    work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    work = scratch_dir("bench-compare-")
     env = service_env(work, inngest, PYTHONPATH=str(root))
     prepare_database(work, env)
     port = free_port()

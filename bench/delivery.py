@@ -24,15 +24,14 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import aiohttp
 import sqlalchemy as sa
 from aiohttp import web
 
+from bench.load import scratch_dir
 from service import auth, migrate, outbox
 from service.app import inngest_client, inngest_session
 from service.config import Settings
@@ -107,7 +106,7 @@ async def drain(settings: Settings, db: Database, count: int) -> float:
 
 async def idle_latency(samples: int) -> list[float]:
     """Seconds from commit to the stand-in accepting, one event at a time, idle."""
-    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    work = scratch_dir("bench-latency-")
     stand_in = StandIn(event_key=KEY, keep_events=False)
     runner = web.AppRunner(stand_in.app())
     await runner.setup()
@@ -157,7 +156,7 @@ async def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-delivery-"))
+    work = scratch_dir("bench-delivery-")
     port = free_port()
     # A process of its own: the stand-in must not share the worker's core.
     stand_in = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import re
@@ -57,6 +58,14 @@ class Run:
     ok: int
     refused: int
     other: int
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory, removed when the benchmark exits: a run under load
+    leaves gigabytes of database and WAL in it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -185,7 +194,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench.load needs wrk: apt-get install wrk")
 
-    work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    work = scratch_dir("bench-load-")
     procs: list[subprocess.Popen] = []
     inngest_port = free_port()
     inngest = f"http://127.0.0.1:{inngest_port}"

@@ -18,10 +18,8 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import asyncpg
 
@@ -32,6 +30,7 @@ from bench.load import (
     acknowledged_ids,
     http_json,
     prepare_database,
+    scratch_dir,
     stand_in_accepted,
     start,
     stop,
@@ -70,7 +69,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    work = scratch_dir("bench-pg-")
     server = start_postgres(durable=True)
     procs: list[subprocess.Popen] = []
     try:
