@@ -2,8 +2,9 @@
 
 Concurrent requests share commits (group commit): every submission that arrives
 before the event loop comes round goes into one batch, the batch's rows are
-written in ONE transaction with ONE commit (one fsync), and only then is each
-request's future resolved. (The database groups the batches waiting for it
+written in ONE transaction with ONE commit (one fsync; on SQLite the requests
+with an Idempotency-Key go as a job of their own, see _commit_split), and only
+then is each request's future resolved. (The database groups the batches waiting for it
 into one transaction too.) A request is answered after the commit that holds
 its rows, never before, so an answer is as durable as a commit of its own, at
 a fraction of the fsyncs.
@@ -271,13 +272,19 @@ class DocumentIntake:
 
     def _commit_split(self, batch: list[_Pending]) -> None:
         """On SQLite, requests with an Idempotency-Key need a statement each
-        (the key may be taken): they go in a transaction of their own, and the
-        others still take the one-statement path (_SQLiteRows)."""
+        (the key may be taken): they go as a job of their own (which may share
+        the writer's transaction), and the others still take the one-statement
+        path (_SQLiteRows). A split batch counts as two in flight."""
         if self._dialect == "sqlite":
             keyed = [p for p in batch if p.submission.idempotency_key is not None]
             if keyed and len(keyed) < len(batch):
-                self._commit([p for p in batch if p.submission.idempotency_key is None])
-                batch = keyed
+                try:
+                    self._commit([p for p in batch if p.submission.idempotency_key is None])
+                finally:
+                    # Out of the queue already: whatever the first half raised,
+                    # the keyed requests must still get an answer.
+                    self._commit(keyed)
+                return
         self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:

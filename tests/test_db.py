@@ -357,5 +357,7 @@ async def test_the_wal_stays_bounded_under_steady_writes(
         await db.engine.dispose()
     assert count == 2000
     # Without the RESTART the WAL grew to 36 MB (all that went through it);
-    # with it, 2 to 4.5 MB in five runs: what a few checkpoint intervals write.
-    assert largest < 10 * 1024 * 1024
+    # with it, 2 to 4.5 MB in most runs (what a few checkpoint intervals
+    # write), 11.7 MB at worst seen, when the checkpointer thread waited long
+    # for the GIL and a gap between transactions: the bound is half the 32 MB.
+    assert largest < 16 * 1024 * 1024

@@ -326,7 +326,7 @@ async def test_the_rows_written_are_exactly_the_submission(
 
 
 async def test_keyed_and_plain_requests_in_one_batch_are_each_written_whole(
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    intake: DocumentIntake, engine: AsyncEngine, user: auth.User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def keyed(name: str) -> Submission:
         sub = submission(user, name)
@@ -335,8 +335,14 @@ async def test_keyed_and_plain_requests_in_one_batch_are_each_written_whole(
 
     # Submitted together: one batch, which SQLite splits (the plain ones keep
     # the one-statement path) and PostgreSQL writes in one transaction.
+    calls: list[str] = []
+    db = intake._db
+    submit, submit_rows = db.submit, db.submit_rows
+    monkeypatch.setattr(db, "submit", lambda *a: (calls.append("job"), submit(*a))[1])
+    monkeypatch.setattr(db, "submit_rows", lambda *a: (calls.append("rows"), submit_rows(*a))[1])
     subs = [submission(user, "p0"), keyed("k0"), submission(user, "p1"), keyed("k1")]
     results = await asyncio.gather(*(intake.submit(s) for s in subs))
+    assert calls == (["rows", "job"] if db.dialect == "sqlite" else ["job"])
     assert results == [Accepted(s.event.id) for s in subs]
     async with engine.connect() as conn:
         docs = (await conn.execute(sa.select(documents).order_by(documents.c.id))).all()
