@@ -1,22 +1,24 @@
 """Load benchmark: POST /api under wrk against a bare aiohttp handler, in one run.
 
-    .venv/bin/python -m bench.load [--duration 10] [--connections 64] [--memory-minutes 0]
+    .venv/bin/python -m bench.load [--rounds 4] [--duration 5] [--connections 64] [--memory-minutes 0]
 
 needs wrk (Debian: apt-get install wrk). Every server is a process of its own
 on 127.0.0.1; wrk runs on the other core. In order:
 
-1. baseline: a bare aiohttp handler that parses the JSON and answers ok,
-   measured first and again right after the service (the ratio is to the
-   mean of the two: the shared machine's speed drifts within a run);
-2. seeds: the design users replace (session check, inline POST to Inngest);
-3. service: `inngest-outbox serve` (SQLite in WAL mode, synchronous=FULL, the
-   worker delivering to a stand-in Inngest in another process), with every
-   acknowledged id checked in the database afterwards, the delivery rate to
-   the stand-in, and the time to drain what was left;
-4. overload: the service with a small write queue under 4x the connections,
+1. seeds: the design users replace (session check, inline POST to Inngest);
+2. baseline and service in turns: a bare aiohttp handler that parses the JSON
+   and answers ok, and `inngest-outbox serve` (SQLite in WAL mode,
+   synchronous=FULL, the worker delivering to a stand-in Inngest in another
+   process), both up, wrk on each in turn for --rounds rounds (the order
+   reversed every other round). The service's ratio is the median of the
+   rounds' ratios: the shared machine's speed drifts by a fifth within a
+   minute, so a baseline measured once, before or after, can be off by that
+   much. Every acknowledged id is checked in the database afterwards, with
+   the delivery rate to the stand-in and the time to drain what was left;
+3. overload: the service with a small write queue under 4x the connections,
    to show 503 + Retry-After at once instead of an unbounded queue;
-5. commit-to-delivery latency when idle (bench.delivery's measurement);
-6. with --memory-minutes N: the service under full load for N minutes, its
+4. commit-to-delivery latency when idle (bench.delivery's measurement);
+5. with --memory-minutes N: the service under full load for N minutes, its
    resident memory sampled every 10 s.
 
 Figures are printed as ratios to the baseline measured in the same run.
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,7 +160,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def acknowledged_ids(ids_dir: Path) -> list[str]:
-    return [line for f in ids_dir.glob("ids-*.txt") for line in f.read_text().split()]
+    return [line for f in ids_dir.rglob("ids-*.txt") for line in f.read_text().split()]
 
 
 def check_stored(work: Path, ids: list[str]) -> int:
@@ -187,7 +190,8 @@ def line(name: str, run: Run, base: Run) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=4, help="turns of baseline and service")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--memory-minutes", type=float, default=0)
     args = parser.parse_args()
@@ -207,16 +211,6 @@ def main() -> None:
         wait_for_port("127.0.0.1", inngest_port, timeout=30, process=procs[-1])
         load = {"duration": args.duration, "connections": args.connections}
 
-        def bare() -> Run:
-            port = free_port()
-            procs.append(start(["-m", "bench.bare", "--port", str(port)], cwd=HERE.parent))
-            wait_for_port("127.0.0.1", port, timeout=30, process=procs[-1])
-            result = wrk(f"http://127.0.0.1:{port}/api", **load, env={})
-            stop(procs.pop())
-            return result
-
-        before = bare()
-
         port = free_port()
         procs.append(
             start(
@@ -229,35 +223,49 @@ def main() -> None:
         seeds = wrk(f"http://127.0.0.1:{port}/api", **load, env={"COOKIE": cookie})
         stop(procs.pop())
 
-        # The service: migrate, add the user, serve, load.
+        # Both up at once, loaded in turns.
+        port = free_port()
+        procs.append(start(["-m", "bench.bare", "--port", str(port)], cwd=HERE.parent))
+        wait_for_port("127.0.0.1", port, timeout=30, process=procs[-1])
+        bare_url = f"http://127.0.0.1:{port}/api"
         env = service_env(work, inngest)
         prepare_database(work, env)
         service, url, cookie = start_service(work, inngest)
         procs.append(service)
         ids_dir = work / "ids"
-        ids_dir.mkdir()
-        delivered_before = stand_in_accepted(inngest)
-        started = time.monotonic()
-        run = wrk(f"{url}/api", **load, env={"COOKIE": cookie, "IDS_DIR": str(ids_dir)})
-        elapsed = time.monotonic() - started
-        delivered_during = stand_in_accepted(inngest) - delivered_before
+        bare_runs: list[Run] = []
+        runs: list[Run] = []
+        delivered = 0
+        loaded_seconds = 0.0
+        accepted_before = stand_in_accepted(inngest)  # the seeds' events are there too
+        for turn in range(args.rounds):
+
+            def bare() -> None:
+                bare_runs.append(wrk(bare_url, **load, env={}))
+
+            def served(turn: int = turn) -> None:
+                nonlocal delivered, loaded_seconds
+                round_ids = ids_dir / str(turn)  # wrk names its files by thread: one dir a run
+                round_ids.mkdir(parents=True)
+                before = stand_in_accepted(inngest)
+                started = time.monotonic()
+                runs.append(
+                    wrk(f"{url}/api", **load, env={"COOKIE": cookie, "IDS_DIR": str(round_ids)})
+                )
+                loaded_seconds += time.monotonic() - started
+                delivered += stand_in_accepted(inngest) - before
+
+            for measure in (bare, served) if turn % 2 == 0 else (served, bare):
+                measure()
         ids = acknowledged_ids(ids_dir)
-        drain_seconds = wait_delivered(inngest, delivered_before + len(ids))
+        drain_seconds = wait_delivered(inngest, accepted_before + len(ids))
         rss = rss_mib(service.pid)
         stop(procs.pop())
+        stop(procs.pop())
         missing = check_stored(work, ids)
-        # Measured again right after the service: the machine's speed drifts
-        # (it is shared), and the ratio is to the mean of the two.
-        after = bare()
-        baseline = Run(
-            "baseline",
-            (before.rps + after.rps) / 2,
-            (before.p50_ms + after.p50_ms) / 2,
-            (before.p99_ms + after.p99_ms) / 2,
-            before.ok + after.ok,
-            before.refused + after.refused,
-            before.other + after.other,
-        )
+        baseline = combined("baseline", bare_runs)
+        run = combined("service", runs)
+        ratios = sorted(r.rps / b.rps for r, b in zip(runs, bare_runs, strict=True))
 
         # Overload: a small write queue under 4x the connections.
         overload_env = {"WRITE_QUEUE_LIMIT": "32"}
@@ -296,15 +304,25 @@ def main() -> None:
         for proc in procs:
             stop(proc)
 
-    print(f"wrk -t2 -c{args.connections} -d{args.duration}s, one server process, 127.0.0.1")
+    print(
+        f"wrk -t2 -c{args.connections} -d{args.duration}s, {args.rounds} rounds of the baseline"
+        " and the service in turns, each server one process, 127.0.0.1"
+    )
+    for turn, (b, r) in enumerate(zip(bare_runs, runs, strict=True), 1):
+        print(
+            f"  round {turn}: bare {b.rps:6.0f} req/s, service {r.rps:6.0f} req/s"
+            f" (p50 {r.p50_ms:5.2f} ms, p99 {r.p99_ms:5.2f} ms): {r.rps / b.rps:6.1%}"
+        )
     print(line("baseline: bare aiohttp JSON handler", baseline, baseline))
-    print(line("  measured first", before, baseline))
-    print(line("  measured after the service", after, baseline))
     print(line("seeds: session + inline POST", seeds, baseline))
-    print(line("inngest-outbox POST /api (durable)", run, baseline))
-    print(f"  acknowledged {len(ids)} (wrk counted {run.ok}), other answers {run.other}; "
-          f"missing from the database: {missing}")  # fmt: skip
-    print(f"  delivered to the stand-in during the run: {delivered_during / elapsed:.0f} events/s;"
+    print(
+        f"{'inngest-outbox POST /api (durable)':<34} {run.rps:9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
+        f"  p99 {run.p99_ms:7.2f} ms  {statistics.median(ratios):6.1%} of baseline"
+        f" (median of the rounds; {ratios[0]:.1%} to {ratios[-1]:.1%})"
+    )
+    print(f"  acknowledged {len(ids)} (wrk counted {sum(r.ok for r in runs)}), "
+          f"other answers {run.other}; missing from the database: {missing}")  # fmt: skip
+    print(f"  delivered to the stand-in while loaded: {delivered / loaded_seconds:.0f} events/s;"
           f" the rest drained {drain_seconds:.2f} s after; service RSS {rss:.0f} MiB")  # fmt: skip
     total = overload.ok + overload.refused + overload.other
     print(
@@ -326,6 +344,19 @@ def main() -> None:
         )
     if missing:
         sys.exit(f"{missing} acknowledged events are missing from the database")
+
+
+def combined(name: str, runs: list[Run]) -> Run:
+    """Several runs as one: mean req/s, median p50, the worst p99, counts summed."""
+    return Run(
+        name,
+        statistics.mean(r.rps for r in runs),
+        statistics.median(r.p50_ms for r in runs),
+        max(r.p99_ms for r in runs),
+        sum(r.ok for r in runs),
+        sum(r.refused for r in runs),
+        sum(r.other for r in runs),
+    )
 
 
 if __name__ == "__main__":
