@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from service.db import Database, DatabaseClosed
+from service.db import Database, DatabaseClosed, sqlite_time
 
 
 async def test_a_database_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
@@ -361,3 +361,16 @@ async def test_the_wal_stays_bounded_under_steady_writes(
     # write), 11.7 MB at worst seen, when the checkpointer thread waited long
     # for the GIL and a gap between transactions: the bound is half the 32 MB.
     assert largest < 16 * 1024 * 1024
+
+
+def test_sqlite_time_is_utc_text_as_sqlalchemy_stores_it() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    assert sqlite_time(datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=UTC)) == "2026-01-02 03:04:05.000007"
+    plus_two = datetime(2026, 1, 2, 1, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    assert sqlite_time(plus_two) == "2026-01-01 23:04:05.000000"
+    stored = sa.create_engine("sqlite://")
+    with stored.begin() as conn:
+        when = datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        text = conn.execute(sa.select(sa.cast(sa.literal(when, sa.DateTime), sa.String))).scalar()
+    assert sqlite_time(when) == text
