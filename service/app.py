@@ -101,7 +101,8 @@ def create_worker_status_app(
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    db = Database(app[SETTINGS].database_url)
+    # The intake's rows go through a process of their own (service.rows_process).
+    db = Database(app[SETTINGS].database_url, rows_process=True)
     await db.start()
     app[DATABASE] = db
     app[SCHEMA_HEAD] = await asyncio.to_thread(migrate.head_revision) or ""

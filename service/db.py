@@ -42,6 +42,8 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from .rows_process import RowsProcess
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[Connection], T]
@@ -150,10 +152,14 @@ class DatabaseClosed(Exception):
 class Database:
     """The process's database: ``engine`` for reads, ``write()`` for writes."""
 
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
+        """``rows_process``: on a SQLite file, submit_rows() writes through a
+        process of its own (see service.rows_process), the API's hot path."""
         self.url = url
         self.engine = create_engine(url, **engine_kwargs)
         self._writer = SQLiteWriter(url) if self.engine.dialect.name == "sqlite" else None
+        self._rows: RowsProcess | None = None
+        self._rows_process = rows_process
         self._closed = False
         self._submitted: set[asyncio.Task[Any]] = set()  # PostgreSQL: submit()'s writes
 
@@ -164,6 +170,17 @@ class Database:
     async def start(self) -> None:
         if self._writer is not None:
             self._writer.start()
+            path = self._writer.path
+            if self._rows_process and path and path != ":memory:":
+                rows = RowsProcess(
+                    path, busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS, journal_size_limit=WAL_LIMIT_BYTES
+                )
+                try:
+                    await rows.start()
+                except Exception:
+                    log.exception("the SQLite rows process did not start; the writer thread writes")
+                else:
+                    self._rows = rows
 
     async def write(self, job: Job[T]) -> T:
         """Run ``job`` in a committed transaction; raise what it raised (nothing kept)."""
@@ -197,6 +214,9 @@ class Database:
             raise DatabaseClosed()
         if self._writer is None:
             raise RuntimeError("submit_rows is for SQLite; use submit()")
+        if self._rows is not None and self._rows.running and rows.check is None:
+            self._rows.submit(rows, done)
+            return
         self._writer.submit_rows(rows, done, asyncio.get_running_loop())
 
     async def write_statement(self, sql: str, params: tuple[Any, ...]) -> int:
@@ -222,6 +242,8 @@ class Database:
 
     async def close(self) -> None:
         self._closed = True
+        if self._rows is not None:
+            await self._rows.close()
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
         await self.engine.dispose()
@@ -240,7 +262,8 @@ Done = Callable[[Any, BaseException | None], None]
 
 class Rows(Protocol):
     """Rows for one INSERT over ``json_each(?)`` (see json_rows), taken on the
-    writer thread when their transaction runs. Rows of the same INSERT with the
+    writer thread when their transaction runs (or when handed to the rows
+    process, Database's rows_process). Rows of the same INSERT with the
     same other parameters queued together are written by one statement: one
     step of the driver, one wait for the GIL, however many requests' rows it
     holds."""
@@ -338,6 +361,11 @@ class SQLiteWriter:
         self._queue_lock = threading.Lock()
         self._set_up: set[str] = set()  # Rows.sql whose setup has run
         self.transactions = 0
+
+    @property
+    def path(self) -> str:
+        """The database file's path ("" or ":memory:" for none)."""
+        return self._path
 
     @property
     def healthy(self) -> bool:

@@ -117,9 +117,10 @@ _SQLITE_INSERT = (
 
 
 class _SQLiteRows:
-    """A batch's rows for the writer thread (see db.Rows): encoded here, on the
-    event loop, as the batch goes; taken on the writer thread when its
-    transaction runs, less the requests cancelled meanwhile."""
+    """A batch's rows for the writer (see db.Rows): encoded here, on the event
+    loop, as the batch goes; taken, less the requests cancelled meanwhile, on
+    the writer thread when its transaction runs, or as they are handed to the
+    rows process (service.rows_process)."""
 
     __slots__ = ("_batch", "_texts", "_kept", "check", "params")
     sql = _SQLITE_INSERT

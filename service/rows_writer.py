@@ -1,0 +1,126 @@
+"""The SQLite rows process's own code (see service.rows_process): it reads
+writes from its input, commits them and answers on its output.
+
+    python -m service.rows_writer PATH BUSY_TIMEOUT_MS JOURNAL_SIZE_LIMIT
+
+Only the standard library and orjson: it starts with every app.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+LENGTH = struct.Struct("<I")
+
+
+def frames(buffer: bytearray) -> list[bytes]:
+    """The complete frames at the start of ``buffer``, taken out of it."""
+    found = []
+    start = 0
+    while len(buffer) - start >= LENGTH.size:
+        (length,) = LENGTH.unpack_from(buffer, start)
+        end = start + LENGTH.size + length
+        if end > len(buffer):
+            break
+        found.append(bytes(buffer[start + LENGTH.size : end]))
+        start = end
+    del buffer[:start]
+    return found
+
+
+def main(argv: list[str]) -> None:
+    path, busy_timeout_ms, journal_size_limit = argv[0], int(argv[1]), int(argv[2])
+    # It ends when its input does, once what it was sent is written: a Ctrl-C
+    # or SIGTERM meant for the service must not cut its writes short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # committed means on disk
+    conn.execute("PRAGMA busy_timeout=0")  # polled by _while_busy instead
+    conn.execute(f"PRAGMA journal_size_limit={journal_size_limit}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    _reply([[0, None]])
+    buffer = bytearray()
+    while chunk := os.read(0, 1 << 20):
+        buffer += chunk
+        writes = [orjson.loads(frame) for frame in frames(buffer)]
+        if writes:
+            _reply(_write(conn, writes, busy_timeout_ms / 1000))
+    conn.close()
+
+
+def _reply(replies: list[list[Any]]) -> None:
+    body = orjson.dumps(replies)
+    data = memoryview(LENGTH.pack(len(body)) + body)
+    while data:
+        data = data[os.write(1, data) :]
+
+
+def _write(conn: sqlite3.Connection, writes: list[list[Any]], busy_timeout: float) -> list[Any]:
+    """Every write sent at once: those of the same INSERT and parameters merged
+    into one statement, its own transaction; a bad row fails only its write."""
+    groups: dict[tuple[Any, ...], list[list[Any]]] = {}
+    replies: list[list[Any]] = []
+    for write in writes:
+        seq, sql, setup, params = write
+        try:
+            for statement in setup:
+                conn.execute(statement)
+        except sqlite3.Error as exc:
+            replies.append([seq, ["error", str(exc)]])
+            continue
+        groups.setdefault((sql, *params[1:]), []).append(write)
+    for (sql, *others), group in groups.items():
+        replies.extend(_insert(conn, sql, others, group, busy_timeout))
+    return replies
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    sql: str,
+    others: list[Any],
+    group: list[list[Any]],
+    busy_timeout: float,
+) -> list[list[Any]]:
+    parts = [write[3][0][1:-1] for write in group]
+    rows = "[" + ",".join(part for part in parts if part) + "]"
+    try:
+        if rows != "[]":
+            _while_busy(lambda: conn.execute(sql, (rows, *others)), busy_timeout)
+    except sqlite3.IntegrityError as exc:
+        if len(group) > 1:
+            return [r for write in group for r in _insert(conn, sql, others, [write], busy_timeout)]
+        return [[group[0][0], ["integrity", str(exc)]]]
+    except sqlite3.Error as exc:
+        return [[write[0], ["error", str(exc)]] for write in group]
+    return [[write[0], None] for write in group]
+
+
+def _while_busy(attempt: Callable[[], Any], timeout: float) -> Any:
+    """As db._while_busy: tried again every few hundred microseconds while the
+    writer thread (or another process) holds the write lock."""
+    deadline = time.monotonic() + timeout
+    pause = 0.0001
+    while True:
+        try:
+            return attempt()
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
