@@ -173,7 +173,10 @@ class Database:
             path = self._writer.path
             if self._rows_process and path and path != ":memory:":
                 rows = RowsProcess(
-                    path, busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS, journal_size_limit=WAL_LIMIT_BYTES
+                    path,
+                    busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS,
+                    journal_size_limit=WAL_LIMIT_BYTES,
+                    on_lost=self._recover_rows,
                 )
                 try:
                     await rows.start()
@@ -218,6 +221,28 @@ class Database:
             self._rows.submit(rows, done)
             return
         self._writer.submit_rows(rows, done, asyncio.get_running_loop())
+
+    def _recover_rows(self, stranded: list[tuple[Rows, Done]]) -> None:
+        """The rows process died with these writes in its hands: each one is
+        committed whole or not at all (one statement). The writer thread
+        answers the committed ones and writes the others, so a client hears
+        neither an error for rows that were kept nor "ok" for rows that were not."""
+        assert self._writer is not None
+        loop = asyncio.get_running_loop()
+        for rows, done in stranded:
+
+            def recover(conn: Connection, rows: Rows = rows) -> Any:
+                raw = conn.connection.driver_connection
+                if not rows.committed(raw):
+                    for statement in rows.setup:  # IF NOT EXISTS; kept as the job commits
+                        raw.execute(statement)
+                    raw.execute(rows.sql, ("[" + ",".join(rows.take()) + "]", *rows.params))
+                return rows.written()
+
+            try:
+                self._writer.submit(recover, done, loop)
+            except DatabaseClosed as exc:
+                done(None, exc)
 
     async def write_statement(self, sql: str, params: tuple[Any, ...]) -> int:
         """SQLite only: run one driver statement in a committed transaction; its row count."""
@@ -285,6 +310,10 @@ class Rows(Protocol):
 
     def written(self) -> Any:
         """The result for ``done`` once the rows of the last ``take`` are committed."""
+
+    def committed(self, raw: sqlite3.Connection) -> bool:
+        """Whether the rows of the last ``take`` are in the database (asked of a
+        write the rows process had when it died: it may have committed it)."""
 
 
 @dataclass(slots=True)

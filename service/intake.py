@@ -154,6 +154,15 @@ class _SQLiteRows:
         self._kept = [not p.future.cancelled() for p in self._batch]
         return [text for text, kept in zip(self._texts, self._kept, strict=True) if kept]
 
+    def committed(self, raw: sqlite3.Connection) -> bool:
+        batch = zip(self._batch, self._kept, strict=True)
+        ids = [p.submission.event.id for p, kept in batch if kept]
+        (found,) = raw.execute(
+            "SELECT count(*) FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(ids).decode(),),
+        ).fetchone()
+        return bool(found)  # one statement wrote them all, or none
+
     def written(self) -> tuple[list[Accepted | IntakeError | None], list[outbox.NewEvent]]:
         results: list[Accepted | IntakeError | None] = []
         fresh: list[outbox.NewEvent] = []

@@ -10,9 +10,9 @@ bench.compare, 30 rounds: 1.114 times the thread's req/s, faster in 24.
 
 Everything else (jobs, statements, Rows with a test hook) stays on the writer
 thread; the two take turns at SQLite's write lock, each polling while the
-other holds it. If the process dies, the writes in its hands fail (they may
-have been committed: the same doubt as a connection lost during COMMIT) and
-later rows go to the thread.
+other holds it. If the process dies, each write in its hands was committed
+whole or not at all (one statement): the thread answers the committed ones
+and writes the others (Database._recover_rows), and takes the rows from then on.
 
 Frames both ways: a 4-byte little-endian length, then JSON. To the process:
 [seq, sql, setup, params], the rows' JSON text the first of params. Back:
@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
@@ -41,6 +42,9 @@ from .rows_writer import LENGTH, frames
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 30.0
+_CHILD_ENV = frozenset(
+    {"PATH", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR", "ROWS_WRITER_TEST_EXIT_AFTER_COMMIT"}
+)
 CLOSE_TIMEOUT_SECONDS = 30.0
 
 Done = Callable[[Any, BaseException | None], None]
@@ -49,13 +53,22 @@ Done = Callable[[Any, BaseException | None], None]
 class RowsProcess:
     """The parent's side: submit() on the event loop, done() called there too."""
 
-    def __init__(self, path: str, *, busy_timeout_ms: int, journal_size_limit: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout_ms: int,
+        journal_size_limit: int,
+        on_lost: Callable[[list[tuple[Any, Done]]], None] | None = None,
+    ) -> None:
+        """``on_lost``: given the writes in the process's hands if it dies (they
+        may have been committed); without it, they fail."""
         self._args = [path, str(busy_timeout_ms), str(journal_size_limit)]
+        self._on_lost = on_lost
         self._transport: asyncio.SubprocessTransport | None = None
         self._out: asyncio.WriteTransport | None = None
         self._pending: dict[int, tuple[Any, Done]] = {}
         self._seq = itertools.count(1)
-        self._set_up: set[str] = set()  # SQL whose setup the process has been sent
         self._ready: asyncio.Future[None] | None = None
         self._output_closed: asyncio.Future[None] | None = None  # its last reply read
         self._exited: asyncio.Future[None] | None = None
@@ -71,18 +84,23 @@ class RowsProcess:
         transport, _ = await loop.subprocess_exec(
             lambda: _Pipes(self),
             sys.executable,
+            "-P",  # nothing from the working directory
             "-m",
             "service.rows_writer",
             *self._args,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,
+            # None of the service's secrets: it needs none.
+            env={k: v for k, v in os.environ.items() if k in _CHILD_ENV},
         )
         self._transport = transport
         self._out = transport.get_pipe_transport(0)  # type: ignore[assignment]
         try:
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
                 await asyncio.shield(self._ready)
+            if self._output_closed.done():  # it died right after saying it was ready
+                raise RuntimeError("the SQLite rows process failed to start")
         except BaseException:
             await self.close()
             raise
@@ -94,11 +112,13 @@ class RowsProcess:
         assert self._out is not None
         texts = rows.take()
         seq = next(self._seq)
-        setup = [] if rows.sql in self._set_up else list(rows.setup)
-        self._set_up.add(rows.sql)
-        body = orjson.dumps([seq, rows.sql, setup, ["[" + ",".join(texts) + "]", *rows.params]])
+        # The setup with every write: the process runs it until it has worked once.
+        body = orjson.dumps(
+            [seq, rows.sql, rows.setup, ["[" + ",".join(texts) + "]", *rows.params]]
+        )
+        frame = LENGTH.pack(len(body)) + body
         self._pending[seq] = (rows, done)
-        self._out.write(LENGTH.pack(len(body)) + body)
+        self._out.write(frame)
 
     async def close(self) -> None:
         """Let the process finish what it was sent, then end it."""
@@ -118,20 +138,33 @@ class RowsProcess:
             self._transport.close()
         self._fail_pending("the SQLite rows process was closed")
 
-    def _replied(self, replies: list[list[Any]]) -> None:
-        for seq, error in replies:
-            if seq == 0:
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(None)
-                continue
-            rows, done = self._pending.pop(seq)
-            try:
-                if error is None:
-                    done(rows.written(), None)
+    def _received(self, frame: bytes) -> None:
+        try:
+            replies = orjson.loads(frame)
+            for seq, error in replies:
+                if seq == 0:
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_result(None)
+                elif error is None:
+                    self._settle(*self._pending.pop(seq))
                 else:
-                    done(None, _error(*error))
-            except Exception:
-                log.exception("settling the rows process's outcome failed")
+                    _, done = self._pending.pop(seq)
+                    _call(done, None, _error(*error))
+        except Exception:
+            # Not what it sends: it cannot be trusted with more. Its death
+            # hands what it had to the thread (_lost).
+            log.exception("the SQLite rows process answered nonsense; ending it")
+            if self._transport is not None:
+                self._transport.kill()
+
+    @staticmethod
+    def _settle(rows: Any, done: Done) -> None:
+        try:
+            result = rows.written()
+        except Exception as exc:
+            _call(done, None, exc)
+        else:
+            _call(done, result, None)
 
     def _exited_now(self) -> None:
         if self._exited is not None and not self._exited.done():
@@ -145,19 +178,30 @@ class RowsProcess:
             self._ready.set_exception(RuntimeError("the SQLite rows process failed to start"))
         if was_running and not self._closing:
             log.critical(
-                "the SQLite rows process ended; %d writes in its hands failed, the writer"
+                "the SQLite rows process ended with %d writes in its hands; the writer"
                 " thread takes the rows from now on",
                 len(self._pending),
             )
+            if self._on_lost is not None:
+                stranded, self._pending = list(self._pending.values()), {}
+                try:
+                    self._on_lost(stranded)
+                except Exception as exc:
+                    for _, done in stranded:
+                        _call(done, None, exc)
         self._fail_pending("the SQLite rows process ended")
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending = self._pending, {}
         for _, done in pending.values():
-            try:
-                done(None, sqlite3.OperationalError(why))
-            except Exception:
-                log.exception("settling the rows process's outcome failed")
+            _call(done, None, sqlite3.OperationalError(why))
+
+
+def _call(done: Done, result: Any, error: BaseException | None) -> None:
+    try:
+        done(result, error)
+    except Exception:
+        log.exception("settling the rows process's outcome failed")
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -168,7 +212,7 @@ class _Pipes(asyncio.SubprocessProtocol):
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self._buffer += data
         for frame in frames(self._buffer):
-            self._owner._replied(orjson.loads(frame))
+            self._owner._received(frame)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1:  # its output: nothing more will be answered

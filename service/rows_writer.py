@@ -43,42 +43,62 @@ def main(argv: list[str]) -> None:
     # or SIGTERM meant for the service must not cut its writes short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Its answers go to a descriptor of their own; fd 1 becomes stderr, so that
+    # nothing a library prints can garble them.
+    answers = os.dup(1)
+    os.dup2(2, 1)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # committed means on disk
     conn.execute("PRAGMA busy_timeout=0")  # polled by _while_busy instead
     conn.execute(f"PRAGMA journal_size_limit={journal_size_limit}")
     conn.execute("PRAGMA foreign_keys=ON")
-    _reply([[0, None]])
+    # Checkpoints are the service's checkpointer thread's (db.SQLiteWriter):
+    # here they would come before an answer, with an fsync of the database.
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    _reply(answers, [[0, None]])
+    # Tests: die between a commit and its answer.
+    die_after_commit = os.environ.get("ROWS_WRITER_TEST_EXIT_AFTER_COMMIT") == "1"
+    set_up: set[str] = set()  # the SQL whose setup has worked
     buffer = bytearray()
     while chunk := os.read(0, 1 << 20):
         buffer += chunk
         writes = [orjson.loads(frame) for frame in frames(buffer)]
         if writes:
-            _reply(_write(conn, writes, busy_timeout_ms / 1000))
+            replies = _write(conn, writes, busy_timeout_ms / 1000, set_up)
+            if die_after_commit:
+                os._exit(1)
+            _reply(answers, replies)
     conn.close()
 
 
-def _reply(replies: list[list[Any]]) -> None:
+def _reply(fd: int, replies: list[list[Any]]) -> None:
     body = orjson.dumps(replies)
     data = memoryview(LENGTH.pack(len(body)) + body)
     while data:
-        data = data[os.write(1, data) :]
+        data = data[os.write(fd, data) :]
 
 
-def _write(conn: sqlite3.Connection, writes: list[list[Any]], busy_timeout: float) -> list[Any]:
+def _write(
+    conn: sqlite3.Connection,
+    writes: list[list[Any]],
+    busy_timeout: float,
+    set_up: set[str],
+) -> list[Any]:
     """Every write sent at once: those of the same INSERT and parameters merged
     into one statement, its own transaction; a bad row fails only its write."""
     groups: dict[tuple[Any, ...], list[list[Any]]] = {}
     replies: list[list[Any]] = []
     for write in writes:
         seq, sql, setup, params = write
-        try:
-            for statement in setup:
-                conn.execute(statement)
-        except sqlite3.Error as exc:
-            replies.append([seq, ["error", str(exc)]])
-            continue
+        if sql not in set_up:
+            try:
+                for statement in setup:  # CREATE TEMP ... IF NOT EXISTS
+                    _while_busy(lambda s=statement: conn.execute(s), busy_timeout)
+            except sqlite3.Error as exc:
+                replies.append([seq, ["error", str(exc)]])
+                continue
+            set_up.add(sql)
         groups.setdefault((sql, *params[1:]), []).append(write)
     for (sql, *others), group in groups.items():
         replies.extend(_insert(conn, sql, others, group, busy_timeout))

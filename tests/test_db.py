@@ -127,6 +127,13 @@ class Numbers:
     def written(self) -> tuple[int, ...]:
         return self.numbers
 
+    def committed(self, raw: sqlite3.Connection) -> bool:
+        # Tests' numbers are distinct: the first one tells.
+        return (
+            raw.execute("SELECT 1 FROM numbers WHERE x = ?", self.numbers[:1]).fetchone()
+            is not None
+        )
+
 
 async def _submit_rows(db: Database, rows: Numbers) -> object:
     import asyncio

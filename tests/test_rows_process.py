@@ -58,15 +58,22 @@ async def test_rows_are_written_by_the_process_not_the_writer_thread(db: Databas
     assert [x for x, _ in await _numbers(db)] == sorted([*range(5), *range(100, 105)])
 
 
-async def test_a_bad_row_fails_only_its_own_write(db: Database) -> None:
-    # Sent in one turn of the loop: the process reads them at once (and merges
-    # them) or one by one; either way each write has its own outcome.
+async def test_a_bad_row_fails_only_its_own_write_among_merged_ones(db: Database) -> None:
+    rows = _child(db)
+    assert await _submit_rows(db, Numbers(0)) == (0,)  # its table set up
+    # Stopped while they are sent, it reads them at once and merges those of
+    # one INSERT with the same parameters: the bad row fails that statement,
+    # and each write runs again alone.
+    os.kill(_pid(rows), signal.SIGSTOP)
     writes = [Numbers(1, 2), Numbers(3, -1), Numbers(4, tag="b"), Numbers(5)]
-    outcomes = await asyncio.gather(*(_submit_rows(db, w) for w in writes), return_exceptions=True)
+    sent = [asyncio.ensure_future(_submit_rows(db, w)) for w in writes]
+    await asyncio.sleep(0)  # each task's first step sends its write
+    os.kill(_pid(rows), signal.SIGCONT)
+    outcomes = await asyncio.gather(*sent, return_exceptions=True)
     assert outcomes[0] == (1, 2) and outcomes[2] == (4,) and outcomes[3] == (5,)
     assert isinstance(outcomes[1], sqlite3.IntegrityError)
     assert "CHECK constraint failed" in str(outcomes[1])
-    assert await _numbers(db) == [(1, "a"), (2, "a"), (4, "b"), (5, "a")]
+    assert await _numbers(db) == [(0, "a"), (1, "a"), (2, "a"), (4, "b"), (5, "a")]
 
 
 async def test_rows_with_a_test_hook_go_to_the_writer_thread(db: Database) -> None:
@@ -85,7 +92,7 @@ async def test_it_ignores_the_signals_meant_for_the_service(db: Database) -> Non
     assert rows.running
 
 
-async def test_a_write_in_its_hands_when_it_dies_fails_and_the_thread_takes_over(
+async def test_a_write_it_had_not_committed_when_it_died_is_written_by_the_thread(
     db: Database,
 ) -> None:
     rows = _child(db)
@@ -95,14 +102,32 @@ async def test_a_write_in_its_hands_when_it_dies_fails_and_the_thread_takes_over
     stranded = asyncio.ensure_future(_submit_rows(db, Numbers(2)))
     await asyncio.sleep(0)
     assert not stranded.done()
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(sqlite3.OperationalError, match="rows process ended"):
-        await stranded
-    assert not rows.running
     before = db._writer.transactions  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGKILL)
+    assert await stranded == (2,)  # not an error: its rows were written after all
+    assert not rows.running
     assert await _submit_rows(db, Numbers(3)) == (3,)
-    assert db._writer.transactions == before + 1  # type: ignore[union-attr]
-    assert [x for x, _ in await _numbers(db)] == [1, 3]
+    # The stranded write and the next, both on the thread.
+    assert db._writer.transactions == before + 2  # type: ignore[union-attr]
+    assert await _numbers(db) == [(1, "a"), (2, "a"), (3, "a")]
+
+
+async def test_a_write_it_committed_before_it_died_is_answered_once_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROWS_WRITER_TEST_EXIT_AFTER_COMMIT", "1")
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
+    await database.start()
+    try:
+        rows = _child(database)
+        # Committed by the process, which dies before it answers: the thread
+        # finds the rows and answers ok without writing them again.
+        assert await _submit_rows(database, Numbers(1, 2)) == (1, 2)
+        assert not rows.running
+        assert await _numbers(database) == [(1, "a"), (2, "a")]
+    finally:
+        await database.close()
+        await database.engine.dispose()
 
 
 async def test_close_answers_what_was_sent_before_it_ends(tmp_path: Path) -> None:
@@ -170,3 +195,66 @@ async def test_it_ends_when_the_service_is_killed(
     finally:
         loop.remove_reader(ended_fd)
         os.close(ended_fd)
+
+
+async def test_the_intakes_requests_survive_the_process_dying_under_them(tmp_path: Path) -> None:
+    """The real rows (a TEMP view's trigger writes documents and outbox rows),
+    stranded in a stopped process that is then killed: the thread writes them
+    (setting the view up on its own connection) and each request is accepted."""
+    from service import auth, migrate
+    from service.intake import Accepted, DocumentIntake
+
+    from .test_intake import counts, submission
+
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
+    await migrate.upgrade(database.engine)
+    await database.start()
+    intake = DocumentIntake(database)
+    await intake.start()
+    try:
+        user = await auth.create_user(database, "alice", "a long password")
+        warm = submission(user, "first")
+        assert await intake.submit(warm) == Accepted(warm.event.id)
+        child = _child(database)
+        pid = _pid(child)
+        os.kill(pid, signal.SIGSTOP)
+        handed = asyncio.Event()
+        submit = child.submit
+
+        def handing(rows: object, done: object) -> None:
+            submit(rows, done)  # type: ignore[arg-type]
+            handed.set()
+
+        child.submit = handing  # type: ignore[method-assign]
+        subs = [submission(user, f"d{i}") for i in range(3)]
+        stranded = [asyncio.ensure_future(intake.submit(s)) for s in subs]
+        await handed.wait()  # the intake's batch is in the stopped process's pipe
+        os.kill(pid, signal.SIGKILL)
+        assert await asyncio.gather(*stranded) == [Accepted(s.event.id) for s in subs]
+        later = submission(user, "later")
+        assert await intake.submit(later) == Accepted(later.event.id)
+        assert await counts(database.engine) == (5, 5)
+    finally:
+        await intake.close()
+        await database.close()
+        await database.engine.dispose()
+
+
+class Doubled(Numbers):
+    """Rows into a TEMP table that their setup makes, after a trigger on a
+    table that may not be there yet."""
+
+    sql = "INSERT INTO doubled SELECT json_extract(value, '$[0]') * 2 + 0 * ?2 FROM json_each(?1)"
+    setup = (
+        "CREATE TEMP TRIGGER IF NOT EXISTS on_base AFTER INSERT ON base BEGIN SELECT 1; END",
+        "CREATE TEMP TABLE IF NOT EXISTS doubled (x INTEGER)",
+    )
+
+
+async def test_a_setup_that_failed_is_tried_again_with_the_next_write(db: Database) -> None:
+    _child(db)
+    with pytest.raises(sqlite3.OperationalError, match="no such table: (main.)?base"):
+        await _submit_rows(db, Doubled(1))
+    await db.write(lambda conn: conn.execute(sa.text("CREATE TABLE base (x INTEGER)")))
+    # Its setup again, whole this time: the TEMP table is there for the INSERT.
+    assert await _submit_rows(db, Doubled(2)) == (2,)
