@@ -28,7 +28,6 @@ from pathlib import Path
 
 from bench.load import (
     HERE,
-    KEY,
     PASSWORD,
     Run,
     free_port,
@@ -37,6 +36,7 @@ from bench.load import (
     scratch_dir,
     service_env,
     start,
+    start_standin,
     stop,
     wait_for_port,
     wrk,
@@ -68,17 +68,9 @@ def main() -> None:
         sys.exit(f"{args.other} is not a checkout of inngest-outbox")
 
     procs: list = []
-    inngest_port = free_port()
-    inngest = f"http://127.0.0.1:{inngest_port}"
     results: dict[str, list[Run]] = {"this": [], "other": [], "bare": []}
     try:
-        procs.append(
-            start(
-                ["-m", "bench.standin", "--port", str(inngest_port), "--key", KEY],
-                cwd=HERE.parent,
-            )
-        )
-        wait_for_port("127.0.0.1", inngest_port, timeout=30, process=procs[-1])
+        inngest = start_standin(procs)
         targets = {
             "this": start_checkout(HERE.parent, inngest, procs),
             "other": start_checkout(args.other.resolve(), inngest, procs),

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from bench.load import (
     HERE,
-    KEY,
     Run,
     free_port,
     prepare_database,
@@ -31,6 +30,7 @@ from bench.load import (
     service_env,
     start,
     start_service,
+    start_standin,
     stop,
     wait_for_port,
     wrk,
@@ -62,14 +62,7 @@ def main() -> None:
     work = scratch_dir("bench-cpu-")
     procs: list[subprocess.Popen] = []
     try:
-        inngest_port = free_port()
-        inngest = f"http://127.0.0.1:{inngest_port}"
-        procs.append(
-            start(
-                ["-m", "bench.standin", "--port", str(inngest_port), "--key", KEY], cwd=HERE.parent
-            )
-        )
-        wait_for_port("127.0.0.1", inngest_port, timeout=30, process=procs[-1])
+        inngest = start_standin(procs)
         if args.server == "service":
             prepare_database(work, service_env(work, inngest))
             server, url, cookie = start_service(work, inngest)

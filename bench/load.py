@@ -80,6 +80,14 @@ def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> s
     )
 
 
+def start_standin(procs: list[subprocess.Popen]) -> str:
+    """A stand-in Inngest on a free port, appended to ``procs``; its URL."""
+    port = free_port()
+    procs.append(start(["-m", "bench.standin", "--port", str(port), "--key", KEY], cwd=HERE.parent))
+    wait_for_port("127.0.0.1", port, timeout=30, process=procs[-1])
+    return f"http://127.0.0.1:{port}"
+
+
 def wrk(url: str, *, duration: int, connections: int, env: dict[str, str]) -> Run:
     command = [
         "wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
@@ -204,15 +212,8 @@ def main() -> None:
 
     work = scratch_dir("bench-load-")
     procs: list[subprocess.Popen] = []
-    inngest_port = free_port()
-    inngest = f"http://127.0.0.1:{inngest_port}"
     try:
-        procs.append(
-            start(
-                ["-m", "bench.standin", "--port", str(inngest_port), "--key", KEY], cwd=HERE.parent
-            )
-        )
-        wait_for_port("127.0.0.1", inngest_port, timeout=30, process=procs[-1])
+        inngest = start_standin(procs)
         load = {"duration": args.duration, "connections": args.connections}
 
         port = free_port()
