@@ -29,7 +29,6 @@ import logging
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from .rows_process import RowsProcess
+from .rows_writer import is_busy, while_busy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -440,7 +440,7 @@ class SQLiteWriter:
                     if frames * page_size > self._wal_limit:
                         _restart_wal(conn)
                 except sqlite3.Error as exc:
-                    if not _is_busy(exc):  # busy: the next round
+                    if not is_busy(exc):  # busy: the next round
                         log.warning("WAL checkpoint failed: %s", exc)
         finally:
             conn.close()
@@ -679,7 +679,7 @@ class SQLiteWriter:
         try:
             _while_busy(lambda: self._run_direct(raw, direct, outcomes))
         except Exception as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 raise  # the lock held past busy_timeout: nothing was written
             return False
         return True
@@ -851,28 +851,16 @@ def _statements(direct: list[_Queued]) -> list[list[_Queued]]:
 
 def _while_busy(attempt: Callable[[], T]) -> T:
     """``attempt()``, tried again every few hundred microseconds while another
-    process (a worker beside the API, say) holds the write lock; its error once
-    the lock is still taken at busy_timeout's deadline, or at once if another.
+    process (a worker beside the API, the rows process) holds the write lock;
+    its error once the lock is still taken at busy_timeout's deadline, or at
+    once if another (see rows_writer.while_busy, which the rows process uses too).
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and more between
     tries, while the other process's transactions last a millisecond or two: two
     processes writing at once made each other wait tens of milliseconds (the
     API's p99 went to 260 ms beside a worker process).
     """
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    pause = 0.0001
-    while True:
-        try:
-            return attempt()
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc) or time.monotonic() >= deadline:
-                raise
-        time.sleep(pause)  # without the GIL
-        pause = min(pause * 2, 0.001)
-
-
-def _is_busy(exc: BaseException) -> bool:
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+    return while_busy(attempt, SQLITE_BUSY_TIMEOUT_MS / 1000)
 
 
 def _begin_polling(raw: sqlite3.Connection) -> bool:

@@ -33,21 +33,22 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .rows_writer import LENGTH, frames
 
+if TYPE_CHECKING:  # db imports this module
+    from .db import Done, Rows
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 30.0
+CLOSE_TIMEOUT_SECONDS = 30.0
 _CHILD_ENV = frozenset(
     {"PATH", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR", "ROWS_WRITER_TEST_EXIT_AFTER_COMMIT"}
 )
-CLOSE_TIMEOUT_SECONDS = 30.0
-
-Done = Callable[[Any, BaseException | None], None]
 
 
 class RowsProcess:
@@ -59,7 +60,7 @@ class RowsProcess:
         *,
         busy_timeout_ms: int,
         journal_size_limit: int,
-        on_lost: Callable[[list[tuple[Any, Done]]], None] | None = None,
+        on_lost: Callable[[list[tuple[Rows, Done]]], None] | None = None,
     ) -> None:
         """``on_lost``: given the writes in the process's hands if it dies (they
         may have been committed); without it, they fail."""
@@ -67,7 +68,7 @@ class RowsProcess:
         self._on_lost = on_lost
         self._transport: asyncio.SubprocessTransport | None = None
         self._out: asyncio.WriteTransport | None = None
-        self._pending: dict[int, tuple[Any, Done]] = {}
+        self._pending: dict[int, tuple[Rows, Done]] = {}
         self._seq = itertools.count(1)
         self._ready: asyncio.Future[None] | None = None
         self._output_closed: asyncio.Future[None] | None = None  # its last reply read
@@ -106,7 +107,7 @@ class RowsProcess:
             raise
         self.running = True
 
-    def submit(self, rows: Any, done: Done) -> None:
+    def submit(self, rows: Rows, done: Done) -> None:
         """Send ``rows`` (db.Rows) to be written; ``done(rows.written(), None)`` or
         ``done(None, error)`` once the process has committed them or failed."""
         assert self._out is not None
@@ -158,7 +159,7 @@ class RowsProcess:
                 self._transport.kill()
 
     @staticmethod
-    def _settle(rows: Any, done: Done) -> None:
+    def _settle(rows: Rows, done: Done) -> None:
         try:
             result = rows.written()
         except Exception as exc:

@@ -15,11 +15,12 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 LENGTH = struct.Struct("<I")
+T = TypeVar("T")
 
 
 def frames(buffer: bytearray) -> list[bytes]:
@@ -94,7 +95,7 @@ def _write(
         if sql not in set_up:
             try:
                 for statement in setup:  # CREATE TEMP ... IF NOT EXISTS
-                    _while_busy(lambda s=statement: conn.execute(s), busy_timeout)
+                    while_busy(lambda s=statement: conn.execute(s), busy_timeout)
             except sqlite3.Error as exc:
                 replies.append([seq, ["error", str(exc)]])
                 continue
@@ -116,7 +117,7 @@ def _insert(
     rows = "[" + ",".join(part for part in parts if part) + "]"
     try:
         if rows != "[]":
-            _while_busy(lambda: conn.execute(sql, (rows, *others)), busy_timeout)
+            while_busy(lambda: conn.execute(sql, (rows, *others)), busy_timeout)
     except sqlite3.IntegrityError as exc:
         if len(group) > 1:
             return [r for write in group for r in _insert(conn, sql, others, [write], busy_timeout)]
@@ -126,20 +127,25 @@ def _insert(
     return [[write[0], None] for write in group]
 
 
-def _while_busy(attempt: Callable[[], Any], timeout: float) -> Any:
-    """As db._while_busy: tried again every few hundred microseconds while the
-    writer thread (or another process) holds the write lock."""
+def while_busy(attempt: Callable[[], T], timeout: float) -> T:
+    """``attempt()``, tried again every 0.1 to 1 ms while another connection
+    holds SQLite's write lock, for ``timeout`` seconds (db._while_busy says why
+    not SQLite's busy handler). Here, not in db, as the process must not import
+    SQLAlchemy."""
     deadline = time.monotonic() + timeout
     pause = 0.0001
     while True:
         try:
             return attempt()
         except sqlite3.OperationalError as exc:
-            busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
-            if not busy or time.monotonic() >= deadline:
+            if not is_busy(exc) or time.monotonic() >= deadline:
                 raise
-        time.sleep(pause)
+        time.sleep(pause)  # without the GIL
         pause = min(pause * 2, 0.001)
+
+
+def is_busy(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 if __name__ == "__main__":

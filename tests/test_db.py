@@ -76,7 +76,7 @@ def _commit_after_three_pauses(
         if len(pauses) == 3:
             other.execute("COMMIT")
 
-    monkeypatch.setattr("service.db.time.sleep", pause)
+    monkeypatch.setattr("service.rows_writer.time.sleep", pause)  # while_busy
     return pauses
 
 
