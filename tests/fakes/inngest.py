@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 MIB = 1024 * 1024
@@ -151,7 +152,7 @@ class StandIn:
         if len(raw) > self.max_body_bytes:
             return _error(413, "request body too large")
         try:
-            body = json.loads(raw) if raw else []
+            body = _parse(raw) if raw else []
         except ValueError:
             return _error(400, "unable to parse the request body as JSON")
         events = body if isinstance(body, list) else [body]
@@ -190,9 +191,14 @@ class StandIn:
             case _:
                 pass
 
-        for event in events:
-            if len(json.dumps(event).encode()) > self.max_event_bytes:
-                return _error(413, "event too large")
+        # json.dumps writes no event longer than six bytes a byte of the body
+        # (a character as \uXXXX at most, "1e15" as 18): a small body needs
+        # no event measured. (Benchmarks share the machine with it.)
+        if len(raw) * 6 > self.max_event_bytes:
+            for event in events:
+                if len(json.dumps(event).encode()) > self.max_event_bytes:
+                    return _error(413, "event too large")
+        random = secrets.token_hex(13 * len(events))  # one system call, not one an event
         ids: list[str] = []
         for index, event in enumerate(events):
             problem = self._invalid(event)
@@ -200,7 +206,7 @@ class StandIn:
                 # Partial acceptance: the events before the invalid one are in.
                 await self._accept(events[:index])
                 return web.json_response({"ids": ids, "status": 400, "error": problem}, status=400)
-            ids.append(secrets.token_hex(13))
+            ids.append(random[26 * index : 26 * index + 26])
         await self._accept(events)
         if fault is Fault.SLOW:
             await asyncio.sleep(self.slow_seconds)
@@ -239,6 +245,15 @@ class StandIn:
             if self.keep_events:
                 self.accepted.extend(events)
             self._changed.notify_all()
+
+
+def _parse(raw: bytes) -> Any:
+    """JSON as json.loads reads it, in a tenth of the time for what orjson takes
+    (it refuses integers past 64 bits, NaN and lone surrogates; json does not)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def _error(status: int, message: str) -> web.Response:
