@@ -7,6 +7,8 @@ aiohttp handler), loads it with wrk (64 connections) and reads, for its
 threads and its children's over 10 s in the middle of the run, how much of
 the time each was running and waiting on a run queue (/proc/.../schedstat):
 the rest it was blocked (epoll with nothing to do, or a lock such as the GIL).
+The stand-in Inngest's and wrk's threads are shown too: on 2 cores whatever
+they run is taken from the server.
 An event loop thread running less than 100 % of the time is not what limits
 throughput on its own. Prints req/s and the loop's CPU per request.
 
@@ -16,6 +18,8 @@ Measured, not asserted: run the two servers back to back and compare.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import subprocess
 import threading
 import time
@@ -54,6 +58,29 @@ def threads_of(pid: int) -> dict[str, tuple[str, int, int]]:
     return found
 
 
+def load_generators() -> list[int]:
+    """This process's wrk children: they share the cores with the server."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "comm").read_text().strip() == "wrk":
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def sample(server: int, others: list[int]) -> dict[str, tuple[str, int, int]]:
+    """The server's threads and children, and the other processes' threads."""
+    found = threads_of(server)
+    for pid in others:
+        with contextlib.suppress(OSError):
+            for key, (name, running, waiting) in threads_of(pid).items():
+                found[key] = (f"{name} (not the server)", running, waiting)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", choices=["service", "bare"], default="service")
@@ -81,9 +108,10 @@ def main() -> None:
         )
         load.start()
         time.sleep((args.duration - SAMPLE_SECONDS) / 2)  # past the start of the load
-        before = threads_of(server.pid)
+        others = [procs[0].pid, *load_generators()]  # the stand-in Inngest, wrk
+        before = sample(server.pid, others)
         time.sleep(SAMPLE_SECONDS)
-        after = threads_of(server.pid)
+        after = sample(server.pid, others)
         load.join()
     finally:
         for proc in reversed(procs):
@@ -101,6 +129,8 @@ def main() -> None:
         owner = key.split("/")[0]
         if key == loop_key:
             role = "event loop"
+        elif name.endswith("(not the server)"):
+            role = f"{owner} {name}"
         elif owner != str(server.pid):
             role = f"child {owner} ({name})"
         else:
