@@ -130,7 +130,7 @@ def main() -> None:
         if key == loop_key:
             role = "event loop"
         elif name.endswith("(not the server)"):
-            role = f"{owner} {name}"
+            role = f"{key} {name.removesuffix(' (not the server)')[:8]} (other)"
         elif owner != str(server.pid):
             role = f"child {owner} ({name})"
         else:

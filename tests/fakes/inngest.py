@@ -12,6 +12,7 @@ import asyncio
 import collections
 import enum
 import json
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -247,9 +248,18 @@ class StandIn:
             self._changed.notify_all()
 
 
+# 19 digits or more: an integer orjson may read as a float (past 2**64, or
+# below -2**63) where json keeps it exact.
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+
+
 def _parse(raw: bytes) -> Any:
-    """JSON as json.loads reads it, in a tenth of the time for what orjson takes
-    (it refuses integers past 64 bits, NaN and lone surrogates; json does not)."""
+    """JSON as json.loads reads it, in a tenth of the time where orjson reads it
+    the same: not NaN, infinities or lone surrogates (orjson refuses them) nor
+    long integers. (Nesting of about 980 to 1023 levels, where json.loads ran
+    out of stack, orjson reads.)"""
+    if _LONG_NUMBER.search(raw):
+        return json.loads(raw)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
