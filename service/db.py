@@ -270,6 +270,12 @@ class Database:
     def writer_healthy(self) -> bool:
         return self._writer is None or self._writer.healthy
 
+    @property
+    def rows_process_lost(self) -> bool:
+        """The SQLite rows process was started and has ended: the writer thread
+        writes the intake's rows now (correct, but slower) until a restart."""
+        return self._rows is not None and not self._rows.running and not self._closed
+
     async def close(self) -> None:
         self._closed = True
         if self._rows is not None:

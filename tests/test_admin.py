@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import auth, migrate, outbox
 from service.app import create_app
 from service.config import Settings
 from service.db import Database, RawJSON
 from service.ids import new_event_id
-from service.keys import WORKER
+from service.keys import DATABASE, WORKER
 from service.logs import configure_logging
 from service.models import users
 from service.web.middlewares import request_id_var
@@ -383,6 +385,36 @@ async def test_readyz_reports_a_schema_behind_the_code(client: TestClient, db: D
         "detail": f"schema at revision 0003, this code needs {migrate.head_revision()}: "
         "run migrate",
     }
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_readyz_reports_the_rows_process_ended_and_the_api_still_accepts(
+    alice_on, engine: AsyncEngine
+) -> None:
+    client = await alice_on()
+    assert (await client.get("/readyz")).status == 200
+    rows = client.app[DATABASE]._rows
+    assert rows is not None and rows.running and rows._transport is not None
+    rows._transport.kill()
+    await asyncio.shield(rows._output_closed)  # type: ignore[arg-type]
+    response = await client.get("/readyz")
+    assert response.status == 200
+    body = await response.json()
+    assert body["status"] == "ok"
+    assert body["checks"]["database"] == {
+        "state": "degraded",
+        "revision": migrate.head_revision(),
+        "detail": "the SQLite rows process ended; the writer thread writes the intake's rows "
+        "(slower) until the service restarts",
+    }
+    response = await client.post("/api", json={"documentName": "after"})
+    assert response.status == 200
+    event_id = (await response.json())["id"]
+    async with engine.connect() as conn:
+        stored = await conn.scalar(
+            sa.text("SELECT count(*) FROM outbox WHERE id = :id"), {"id": event_id}
+        )
+    assert stored == 1
 
 
 async def test_readyz_reports_a_worker_that_cannot_send(

@@ -44,6 +44,13 @@ async def _database(request: web.Request) -> Check:
             "state": "unavailable",
             "detail": f"schema at revision {current}, this code needs {head}: run migrate",
         }
+    if db.rows_process_lost:
+        return {
+            "state": "degraded",
+            "revision": current,
+            "detail": "the SQLite rows process ended; the writer thread writes the intake's "
+            "rows (slower) until the service restarts",
+        }
     return {"state": "ok", "revision": current}
 
 
