@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import os
 import subprocess
 import sys
 import time
@@ -24,15 +23,15 @@ import uuid
 import asyncpg
 
 from bench.load import (
-    HERE,
-    KEY,
     PASSWORD,
     acknowledged_ids,
     http_json,
     prepare_database,
     scratch_dir,
+    service_env,
     stand_in_accepted,
     start,
+    start_standin,
     stop,
     wait_delivered,
     wrk,
@@ -75,26 +74,12 @@ def main() -> None:
     try:
         url = server.create_database()
         raw = asyncio.run(raw_insert_rate(asyncpg_dsn(url), args.connections, args.duration))
-        inngest_port = free_port()
-        inngest = f"http://127.0.0.1:{inngest_port}"
-        procs.append(
-            start(
-                ["-m", "bench.standin", "--port", str(inngest_port), "--key", KEY], cwd=HERE.parent
-            )
-        )
-        wait_for_port("127.0.0.1", inngest_port, timeout=30, process=procs[-1])
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INNGEST_", "S3_"))}
-        env.update(
-            DATABASE_URL=url,
-            INNGEST_BASE_URL=inngest,
-            INNGEST_EVENT_KEY=KEY,
-            LOG_LEVEL="WARNING",
-            PYTHONPATH=str(HERE.parent),
-        )
+        inngest = start_standin(procs)
+        env = service_env(work, inngest, DATABASE_URL=url)
         prepare_database(work, env)
         procs.append(
             start(
-                ["-m", "service", "worker", "--dev"][:3],
+                ["-m", "service", "worker"],
                 cwd=work,
                 env={**env, "INNGEST_OUTBOX_PROFILE": "dev"},
             )

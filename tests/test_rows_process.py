@@ -86,6 +86,10 @@ async def test_rows_with_a_test_hook_go_to_the_writer_thread(db: Database) -> No
 
 async def test_it_ignores_the_signals_meant_for_the_service(db: Database) -> None:
     rows = _child(db)
+    # Set before it said it was ready: the write below cannot be answered
+    # before the signals arrive and pass for a process that ignores them.
+    ignored = _ignored_signals(_pid(rows))
+    assert ignored & (1 << (signal.SIGTERM - 1)) and ignored & (1 << (signal.SIGINT - 1))
     os.kill(_pid(rows), signal.SIGTERM)
     os.kill(_pid(rows), signal.SIGINT)
     assert await _submit_rows(db, Numbers(1)) == (1,)
@@ -159,6 +163,12 @@ async def test_a_process_that_cannot_open_the_database_fails_its_start(tmp_path:
 async def test_an_in_memory_database_has_no_process() -> None:
     async with Database("sqlite+aiosqlite:///:memory:", rows_process=True) as database:
         assert database._rows is None
+
+
+def _ignored_signals(pid: int) -> int:
+    """The process's mask of ignored signals (bit n-1 for signal n)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
 
 
 def _exists(pid: int) -> bool:
