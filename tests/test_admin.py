@@ -25,7 +25,7 @@ from service.logs import configure_logging
 from service.models import users
 from service.web.middlewares import request_id_var
 from tests.conftest import PASSWORD
-from tests.fakes.inngest import Fault, StandIn
+from tests.fakes.inngest import POISON_ERROR, Fault, StandIn
 from tests.test_api import problem
 from tests.test_delivery import enqueue, make_worker
 from tests.test_operations import fail_for_good
@@ -280,7 +280,7 @@ async def test_the_page_shows_stats_chart_and_failed_events(
         assert points is not None and len(points.group(1).split()) == 60
     for event_id in failed:
         assert f'<tr data-id="{event_id}">' in text
-    assert "is invalid" in text  # the last error
+    assert POISON_ERROR in text  # the last error
     nonce = re.search(r'<script nonce="([^"]+)">', text)
     assert nonce is not None
     policy = response.headers["Content-Security-Policy"]
@@ -476,7 +476,7 @@ async def test_a_client_sees_delivery_and_failure(
     failed = await (await logged_in.get(f"/api/events/{bad}")).json()
     assert failed["status"] == "failed"
     assert failed["attempts"] == 1
-    assert failed["error"] == f"HTTP 400: event {bad} is invalid"
+    assert failed["error"] == f"HTTP 400: {POISON_ERROR}"
 
 
 # -- logs -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from service.app import create_app
 from service.config import Settings
 from service.db import Database
 from tests.conftest import PASSWORD
-from tests.fakes.inngest import StandIn
+from tests.fakes.inngest import POISON_ERROR, StandIn
 from tests.support.service import poll_until
 from tests.test_delivery import states
 from tests.test_operations import fail_for_good
@@ -91,7 +91,7 @@ async def test_log_in_list_and_replay(
     await page.wait_for_selector("#failed")
     for event_id in failed:
         row = page.locator(f'tr[data-id="{event_id}"]')
-        assert "is invalid" in await row.inner_text()
+        assert POISON_ERROR in await row.inner_text()
     assert await page.locator('#stats tr[data-stat="failed"] td').inner_text() == "3"
     assert await page.locator("#chart polyline").count() == 3
 

@@ -24,7 +24,7 @@ from service.ids import new_event_id
 from service.intake import DocumentIntake, Submission
 from service.models import outbox as outbox_table
 from service.models import outbox_history
-from tests.fakes.inngest import Fault, StandIn
+from tests.fakes.inngest import POISON_ERROR, QUEUE_ERROR, QUEUE_TIMEOUT, Fault, StandIn
 from tests.support.net import free_port
 
 
@@ -459,7 +459,7 @@ async def test_a_poison_event_is_isolated_and_the_rest_delivered(
     assert rows[poison].status == "failed"
     assert rows[poison].attempts == 1
     assert rows[poison].last_status_code == 400
-    assert rows[poison].last_error == f"HTTP 400: event {poison} is invalid"
+    assert rows[poison].last_error == f"HTTP 400: {POISON_ERROR}"
     assert all(rows[i].status == "delivered" for i in ids if i != poison)
     # The prefix the first 400 accepted is not sent again; each other event
     # reaches Inngest exactly once.
@@ -481,25 +481,109 @@ async def test_413_splits_the_batch(
     db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
 ) -> None:
     ids = await enqueue(db, 8, data={"documentName": "x", "blob": "y" * 300})
-    inngest.max_body_bytes = 1500  # the stand-in refuses what our limit allows
+    inngest.cloud = True
+    inngest.max_body_bytes = 1500  # Cloud refuses what our limit allows
     stats = await make_worker(db, delivery_settings, http).drain_once()
     assert stats.delivered == 8
     assert sorted(inngest.accepted_ids) == sorted(ids)
     assert [r["bytes"] > 1500 for r in inngest.requests].count(True) >= 1
 
 
+@pytest.mark.parametrize("cloud", [False, True])
 async def test_a_single_event_still_too_large_is_failed(
-    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+    db: Database,
+    engine: AsyncEngine,
+    delivery_settings: Settings,
+    inngest: StandIn,
+    http,
+    cloud: bool,
 ) -> None:
     small = await enqueue(db, 3)
     [big] = await enqueue(db, 1, data={"documentName": "x", "blob": "y" * 5000})
     inngest.max_event_bytes = 2000
+    inngest.cloud = cloud  # the open-source server answers 400, Cloud 413
     stats = await make_worker(db, delivery_settings, http).drain_once()
     assert (stats.delivered, stats.failed) == (3, 1)
     row = (await states(engine))[big]
-    assert (row.status, row.last_status_code) == ("failed", 413)
-    assert row.last_error == 'HTTP 413: {"status": 413, "error": "event too large"}'
+    status = 413 if cloud else 400
+    assert (row.status, row.last_status_code) == ("failed", status)
+    assert row.last_error.startswith(
+        'HTTP 413: {"status": 413, "error": "Event is over the max size: Max 2000'
+        if cloud
+        else "HTTP 400: Event is over the max size: Max 2000 bytes / Size "
+    )
     assert sorted(inngest.accepted_ids) == sorted(small)
+
+
+# -- Inngest's own failures: 400 too, but no fault of the events ------------------
+
+
+async def history_of(engine: AsyncEngine, event_id: str) -> list[tuple[str, int | None, str]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(outbox_history.c.kind, outbox_history.c.status_code, outbox_history.c.error)
+            .where(outbox_history.c.event_id == event_id)
+            .order_by(outbox_history.c.id)
+        )
+        return [tuple(r) for r in rows]
+
+
+async def test_a_queue_outage_marks_nothing_delivered_and_fails_nothing(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    ids = await enqueue(db, 6)
+    inngest.queue_down = True  # every answer: 400 {"ids": [""], ...}
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert (stats.delivered, stats.failed, stats.retried) == (0, 0, 6)
+    assert len(inngest.requests) == 1  # nothing bisected
+    error = f"HTTP 400, Inngest failed to take the events: {QUEUE_ERROR}"
+    for event_id, row in (await states(engine)).items():
+        assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, 400)
+        assert row.last_error == error
+        assert await history_of(engine, event_id) == [("retry", 400, error)]
+    assert inngest.accepted == []
+
+    inngest.queue_down = False
+    stats = await make_worker(db, delivery_settings, http, clock=lambda: later(11)).drain_once()
+    assert stats.delivered == 6
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+    assert set(inngest.accepted_counts().values()) == {1}
+
+
+async def test_a_queue_failure_mid_batch_delivers_the_events_before_it(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    await enqueue(db, 8)
+    inngest.queue_fault_at = 3
+    inngest.fail_next(Fault.QUEUE_ERROR)
+    stats = await make_worker(db, delivery_settings, http).drain_once()
+    assert (stats.delivered, stats.retried, stats.failed) == (3, 5, 0)
+    assert len(inngest.requests) == 1
+    sent = [e["id"] for e in inngest.requests[0]["events"]]
+    rows = await states(engine)
+    assert [rows[i].status for i in sent] == ["delivered"] * 3 + ["pending"] * 5
+    assert {rows[i].last_error for i in sent[3:]} == {
+        f"HTTP 400, Inngest failed to take the events: {QUEUE_TIMEOUT}"
+    }
+    stats = await make_worker(db, delivery_settings, http, clock=lambda: later(11)).drain_once()
+    assert stats.delivered == 5
+    assert sorted(inngest.accepted_ids) == sorted(sent)
+    assert set(inngest.accepted_counts().values()) == {1}
+
+
+async def test_a_queue_outage_past_the_attempts_fails_with_inngests_error(
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, inngest: StandIn, http
+) -> None:
+    [event_id] = await enqueue(db, 1)
+    settings = delivery_settings.replace(retry_max_attempts=3, retry_base_seconds=0)
+    inngest.queue_down = True
+    stats = await make_worker(db, settings, http).drain_once()
+    assert (stats.retried, stats.failed, len(inngest.requests)) == (2, 1, 3)
+    row = (await states(engine))[event_id]
+    assert (row.status, row.attempts, row.last_status_code) == ("failed", 3, 400)
+    kinds = [kind for kind, _, _ in await history_of(engine, event_id)]
+    assert kinds == ["retry", "retry", "failed"]
+    assert row.last_error.startswith("HTTP 400, Inngest failed to take the events")
 
 
 @pytest.mark.parametrize("fault", [None, Fault.FORBIDDEN, Fault.NOT_FOUND])

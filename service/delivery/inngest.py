@@ -37,6 +37,16 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class IngestFailed:
+    """400 whose error is not the events' fault: Inngest failed to take them
+    (its queue, a timeout inside it). The first ``accepted`` were ingested;
+    the rest are sent again later, attempts counted, as after a 500."""
+
+    accepted: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class TooLarge:
     """413: the request, or one event in it, is too large."""
 
@@ -71,10 +81,35 @@ class Unavailable:
     retry_after: float | None = None
 
 
-Outcome = Accepted | Rejected | TooLarge | KeyRejected | Transient | Unavailable
+Outcome = Accepted | Rejected | IngestFailed | TooLarge | KeyRejected | Transient | Unavailable
 
 # Answers that say "not now" about the endpoint, not about the events.
 UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+# Inngest answers 400 for every error of its event handler, its own failures
+# included. Only these messages blame the event (inngest/inngest, read at
+# 253303cdffec27f6c70e208114305326baaa5dd7): each is the start of the error text,
+# with where the server makes it. Any other 400 is Inngest failing, as a 500 is.
+EVENT_FAULTS: tuple[tuple[str, str], ...] = (
+    ("event name is empty", "pkg/event/event.go Event.Validate"),
+    ("event name is reserved for internal use", "pkg/event/inbound.go ErrInternalEventName"),
+    ("timestamp is before Jan 1, 1980", "pkg/event/event.go Event.Validate"),
+    ("timestamp is after Jan 1, 2100", "pkg/event/event.go Event.Validate"),
+    ("event session", "pkg/event/sessions.go Sessions.UnmarshalJSON and Validate"),
+    ("json: cannot unmarshal", "encoding/json UnmarshalTypeError, pkg/api/api.go ReceiveEvent"),
+    ("invalid character", "encoding/json SyntaxError, pkg/eventstream ParseStream"),
+    ("Event is over the max size", "pkg/eventstream/eventstream.go ErrEventTooLarge"),
+    (
+        "Request body must contain an event object or an array of event objects",
+        "pkg/eventstream/eventstream.go ErrInvalidRequestBody",
+    ),
+    ("Cannot have more than", "pkg/eventstream/errors.go ErrEventCount"),
+)
+
+
+def blames_the_event(error: str) -> bool:
+    """True when a 400's error says an event broke one of Inngest's rules."""
+    return error.startswith(tuple(message for message, _ in EVENT_FAULTS))
 
 
 class InngestClient:
@@ -126,17 +161,20 @@ class InngestClient:
     def _classify(self, status: int, text: str, count: int, retry_after: str | None) -> Outcome:
         recorded = self.redact(f"HTTP {status}: {text[:MAX_RECORDED_BODY]}")
         body = _json_object(text)
+        ids = body.get("ids") if body is not None else None
         if status == 200:
-            ids = body.get("ids") if body is not None else None
-            if isinstance(ids, list) and len(ids) == count:
+            if isinstance(ids, list) and len(ids) == count and _accepted(ids, count) == count:
                 return Accepted()
             return Transient(status, f"unexpected answer to {count} events: {recorded}")
         if status == 400:
-            ids = body.get("ids") if body is not None else None
-            accepted = len(ids) if isinstance(ids, list) and len(ids) < count else 0
+            accepted = _accepted(ids, count)
             error = body.get("error") if body is not None else None
+            if isinstance(error, str) and blames_the_event(error):
+                return Rejected(accepted, self.redact(f"HTTP 400: {error}"))
             detail = error if isinstance(error, str) and error else text[:MAX_RECORDED_BODY]
-            return Rejected(accepted, self.redact(f"HTTP 400: {detail}"))
+            return IngestFailed(
+                accepted, self.redact(f"HTTP 400, Inngest failed to take the events: {detail}")
+            )
         if status == 413:
             return TooLarge(recorded)
         if status in (401, 403, 404):
@@ -150,6 +188,20 @@ class InngestClient:
                 status, recorded, parse_retry_after(retry_after, now=datetime.now(UTC))
             )
         return Transient(status, recorded)
+
+
+def _accepted(ids: object, count: int) -> int:
+    """How many of ``count`` events an answer's ids say were ingested: the
+    leading non-empty string ids (the server answers ``[""]`` when its first
+    event failed: an empty id is no event taken)."""
+    if not isinstance(ids, list):
+        return 0
+    taken = 0
+    for value in ids[:count]:
+        if not isinstance(value, str) or not value:
+            break
+        taken += 1
+    return taken
 
 
 async def _read_capped(content: aiohttp.StreamReader) -> bytes:

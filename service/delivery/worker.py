@@ -30,6 +30,7 @@ from ..outbox import ClaimedEvent
 from . import backoff
 from .inngest import (
     Accepted,
+    IngestFailed,
     InngestClient,
     KeyRejected,
     Outcome,
@@ -484,6 +485,11 @@ class DeliveryWorker:
             case Rejected(accepted=accepted, error=error):
                 await self._delivered(lease, events[:accepted])
                 await self._isolate(lease, events[accepted:], error, 400)
+            case IngestFailed(accepted=accepted, error=error):
+                # Inngest's own failure: the events wait and are sent again,
+                # never bisected or failed for it.
+                await self._delivered(lease, events[:accepted])
+                await self._retry(lease, events[accepted:], error, 400, None)
             case TooLarge(error=error):
                 await self._isolate(lease, events, error, 413)
             case KeyRejected(status=status, error=error):
@@ -601,6 +607,8 @@ class DeliveryWorker:
         status: int | None,
         retry_after: float | None,
     ) -> None:
+        if not events:
+            return
         self._forget(lease, events)
         lease.returned = True
         now = self._clock()
