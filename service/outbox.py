@@ -196,7 +196,7 @@ class Claim:
     events: list[ClaimedEvent]
 
 
-# Statements are built once: constructing them per call was a visible cost.
+# Statements are built once, not per call: building one is a visible cost on the hot path.
 _BY_LEASE = sa.and_(
     outbox.c.id.in_(sa.bindparam("ids", expanding=True)),
     outbox.c.lease_token == sa.bindparam("token"),
@@ -352,8 +352,8 @@ _SQLITE_LEASE = (
 # The leased rows as one text: the fields of a row joined by U+001F, the rows by
 # U+001E, the payload last. JSON text never holds a raw control character, so
 # neither separator can occur in a payload, and no payload is escaped into JSON
-# and parsed back (a third of the drain's time when it was). "IS NOT NULL" is
-# sound here, in a SELECT (see _LEASE).
+# and parsed back (which would cost a third of the drain's time). "IS NOT NULL"
+# is sound here, in a SELECT (see _LEASE).
 _SQLITE_LEASED = (
     "SELECT group_concat(id || char(31) || attempts || char(31)"
     " || (last_status_code IS NOT NULL OR last_error IS NOT NULL) || char(31) || payload,"

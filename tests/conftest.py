@@ -27,9 +27,9 @@ from tests.support.service import USER, base_env, run_cli
 
 PASSWORD = "correct horse battery staple"
 # argon2id at its lowest cost: hashing with the library's defaults takes ~0.13 s
-# a time, twice per test that logs in (add the user, log in), which was a
-# third of the suite's time. Tests marked real_password_hashing, and every
-# service process the tests start, use the real cost.
+# a time, twice per test that logs in (add the user, log in): a third of the
+# suite's time. Tests marked real_password_hashing, and every service process
+# the tests start, use the real cost.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 
 

@@ -1,4 +1,4 @@
-"""The delivery worker against the stand-in Inngest: every rule of issue 4."""
+"""The delivery worker against the stand-in Inngest: each rule of how it claims, sends and marks."""
 
 from __future__ import annotations
 
