@@ -381,3 +381,69 @@ def test_sqlite_time_is_utc_text_as_sqlalchemy_stores_it() -> None:
         when = datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
         text = conn.execute(sa.select(sa.cast(sa.literal(when, sa.DateTime), sa.String))).scalar()
     assert sqlite_time(when) == text
+
+
+# -- what counts as "the database is unavailable" ----------------------------------
+
+
+def _through_sqlalchemy(error: Exception) -> Exception:
+    """``error`` as SQLAlchemy's asyncpg dialect hands it to the service."""
+    import asyncpg
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
+
+    dbapi = AsyncAdapt_asyncpg_dbapi(asyncpg)
+    for cls in type(error).__mro__:
+        if cls in dbapi._asyncpg_error_translate:
+            try:
+                raise dbapi._asyncpg_error_translate[cls](str(error), error) from error
+            except Exception as adapted:
+                return sa_exc.DBAPIError.instance("SELECT 1", None, adapted, dbapi.Error)
+    return error
+
+
+def _asyncpg_errors() -> dict[str, Exception]:
+    import asyncpg.exceptions as pg
+
+    return {
+        "starting up": pg.CannotConnectNowError("the database system is starting up"),
+        "admin shutdown": pg.AdminShutdownError("terminating connection"),
+        "crash shutdown": pg.CrashShutdownError("terminating connection"),
+        "too many connections": pg.TooManyConnectionsError("sorry, too many clients"),
+        "connection failure": pg.ConnectionFailureError("connection failure"),
+        "connection lost": pg.ConnectionDoesNotExistError("connection was closed"),
+        "unique violation": pg.UniqueViolationError("duplicate key"),
+        "syntax error": pg.PostgresSyntaxError("syntax error"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "unavailable"),
+    [
+        ("starting up", True),
+        ("admin shutdown", True),
+        ("crash shutdown", True),
+        ("too many connections", True),
+        ("connection failure", True),
+        ("connection lost", True),
+        ("unique violation", False),
+        ("syntax error", False),
+    ],
+)
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_what_says_the_database_is_unavailable(name: str, unavailable: bool, wrapped: bool) -> None:
+    from service.db import is_unavailable
+
+    error = _asyncpg_errors()[name]
+    assert is_unavailable(_through_sqlalchemy(error) if wrapped else error) is unavailable
+
+
+def test_refused_connections_and_an_empty_pool_are_unavailable() -> None:
+    from sqlalchemy import exc as sa_exc
+
+    from service.db import is_unavailable
+
+    assert is_unavailable(ConnectionRefusedError(111, "Connect call failed"))
+    assert is_unavailable(OSError("Multiple exceptions: [Errno 111] Connect call failed"))
+    assert is_unavailable(sa_exc.TimeoutError("QueuePool limit reached"))
+    assert not is_unavailable(ValueError("a bug"))

@@ -7,13 +7,14 @@ at random moments under load, repeated. Each shows nothing acknowledged is lost.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,8 @@ async def test_inngest_down_far_past_the_retry_budget_fails_nothing(
 def own_postgres() -> Iterator[PostgresServer]:
     """A server of this test's own, to stop and start again."""
     try:
-        server = start_postgres()
+        # Durable: a crash must not take back what was acknowledged.
+        server = start_postgres(durable=True)
     except PostgresUnavailable as exc:
         if os.environ.get("CI"):
             raise
@@ -249,6 +251,119 @@ async def test_postgres_down_and_back(
         assert service.stop() == 0
     # The refused requests wrote nothing; the accepted ones are all there.
     assert await consistent(env) == set(acknowledged)
+
+
+async def test_postgres_crash_under_load_loses_nothing_and_answers_503(
+    tmp_path: Path,
+    service_env: dict[str, str],
+    own_postgres: PostgresServer,
+    inngest: StandIn,
+) -> None:
+    """The server crashes (``pg_ctl stop -m immediate``) under load and starts
+    again, replaying its WAL: the API answers 503 database_unavailable while it
+    is down or recovering, never 500 and never late; it and two worker processes
+    recover by themselves, and every acknowledged event is delivered."""
+    env = {
+        **service_env,
+        "DATABASE_URL": own_postgres.create_database(),
+        "INNGEST_BASE_URL": inngest.base_url,  # type: ignore[attr-defined]
+        "INNGEST_EVENT_KEY": inngest.event_key,
+        "RETRY_BASE_SECONDS": "0.05",
+        "RETRY_CAP_SECONDS": "0.5",
+        "RETRY_MAX_ATTEMPTS": "1000",
+        "WORKER_POLL_SECONDS": "0.2",
+        "WORKER_LEASE_SECONDS": "5",
+        "SESSION_CHECK_SECONDS": "0",  # every request reads the database
+    }
+    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
+    added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    worker_env = {**env, "LOG_LEVEL": "INFO"}  # to see them start
+    workers = [ServiceProcess(["worker"], env=worker_env, cwd=tmp_path) for _ in range(2)]
+    for worker in workers:
+        await worker.logged("delivering to")
+    api = await ServiceProcess(["serve", "--no-worker"], env=env, cwd=tmp_path).started()
+    # A request that outlives this timeout fails the test: no hang.
+    timeout = aiohttp.ClientTimeout(total=15)
+    answers: collections.Counter[tuple[str, int]] = collections.Counter()
+    problems: list[tuple[str, int, str | None, Any]] = []
+    acknowledged: list[str] = []
+    progress = asyncio.Condition()
+    stop = asyncio.Event()
+
+    async def record(route: str, response: aiohttp.ClientResponse) -> None:
+        answers[route, response.status] += 1
+        if response.status != 200:
+            body = await response.json(content_type=None)
+            problems.append((route, response.status, response.headers.get("Retry-After"), body))
+        async with progress:
+            progress.notify_all()
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        async with progress:
+            await progress.wait_for(predicate)
+
+    async def post_documents(client: int) -> None:
+        async with http_session(timeout=timeout) as http:
+            await log_in(http, api.url)
+            n = 0
+            while not stop.is_set() and len(acknowledged) < 20_000:
+                body = {"documentName": f"c{client}-{n}"}
+                async with http.post(f"{api.url}/api", json=body) as response:
+                    if response.status == 200:
+                        acknowledged.append((await response.json())["id"])
+                    await record("/api", response)
+                n += 1
+                if response.status != 200:
+                    await asyncio.sleep(0.02)  # a client pauses before it retries
+
+    async def log_in_again_and_again() -> None:
+        credentials = {"username": USER, "password": SERVICE_PASSWORD}
+        while not stop.is_set():
+            async with (
+                http_session(timeout=timeout) as http,
+                http.post(f"{api.url}/auth/login", json=credentials) as response,
+            ):
+                await record("/auth/login", response)
+            await asyncio.sleep(0.05)
+
+    try:
+        async with asyncio.timeout(150):
+            clients = [asyncio.create_task(post_documents(i)) for i in range(16)]
+            clients.append(asyncio.create_task(log_in_again_and_again()))
+            await until(lambda: len(acknowledged) >= 300)
+            await asyncio.to_thread(own_postgres.halt, "immediate")
+            crashed_at = len(acknowledged)
+            await until(lambda: answers["/api", 503] >= 50 and answers["/auth/login", 503] >= 2)
+            own_postgres.start_again()  # the requests meet its recovery too
+            await until(lambda: len(acknowledged) >= crashed_at + 300)
+            stop.set()
+            await asyncio.gather(*clients)
+            await inngest.wait_until(lambda s: set(acknowledged) <= set(s.accepted_ids))
+
+            async def all_delivered() -> bool:
+                sql = "SELECT count(*) FROM outbox WHERE status <> 'delivered'"
+                return await query(env, sql) == [(0,)]
+
+            await poll_until(all_delivered)
+        assert [w.process.poll() for w in workers] == [None, None]  # never restarted
+    finally:
+        stop.set()
+        api_code = api.stop()
+        for worker in workers:
+            worker.stop()
+    print(
+        f"acknowledged {len(acknowledged)} ({crashed_at} before the crash), answers "
+        f"{dict(answers)}, delivered {len(set(inngest.accepted_ids) & set(acknowledged))}, "
+        f"duplicates {len(inngest.accepted_ids) - len(set(inngest.accepted_ids))}"
+    )
+    assert api_code == 0
+    assert {status for _, status in answers} == {200, 503}
+    for route, status, retry_after, body in problems:
+        expected = {**DATABASE_UNAVAILABLE, "instance": route}
+        assert (status, retry_after, body) == (503, "5", expected)
+    assert set(acknowledged) <= await consistent(env)
+    assert "unhandled error" not in api.log()
 
 
 # -- the disk full -------------------------------------------------------------

@@ -101,12 +101,12 @@ async def test_an_unknown_key_is_401(inngest: StandIn) -> None:
         ({"name": "a", "ts": 4_102_444_800_001}, "timestamp is after Jan 1, 2100"),
         (
             {"name": "a", "data": "x"},
-            "json: cannot unmarshal string into Go struct field raw.data of type map[string]interface {}",
-        ),  # noqa: E501
+            "json: cannot unmarshal string into Go struct field raw.data of type map[string]interface {}",  # noqa: E501
+        ),
         (
             {"name": "a", "user": []},
-            "json: cannot unmarshal array into Go struct field raw.user of type map[string]interface {}",
-        ),  # noqa: E501
+            "json: cannot unmarshal array into Go struct field raw.user of type map[string]interface {}",  # noqa: E501
+        ),
         (
             {"name": "a", "ts": 1.5},
             "json: cannot unmarshal number 1.5 into Go struct field raw.ts of type int64",

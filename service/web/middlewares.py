@@ -10,8 +10,8 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_log import AccessLogger
-from sqlalchemy import exc as sa_exc
 
+from ..db import is_unavailable
 from ..ids import new_request_id
 from ..keys import METRICS, SETTINGS
 from .problems import Problem, database_unavailable, from_http_exception
@@ -67,7 +67,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 raise
             response = from_http_exception(exc).response(request.path)
         except Exception as exc:
-            if _database_down(exc):
+            if is_unavailable(exc):
                 # The database went away under a read (a session check, a
                 # list): the same answer as a write that could not commit.
                 log.error("database unavailable in %s %s: %s", request.method, request.path,
@@ -90,17 +90,6 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def _database_down(exc: BaseException) -> bool:
-    """A connection-level failure: the server is down, restarting or unreachable,
-    or the pool has no connection to give. (IntegrityError and the like are bugs:
-    they stay 500.)"""
-    if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(
-            exc, sa_exc.OperationalError | sa_exc.InterfaceError
-        )
-    return isinstance(exc, sa_exc.TimeoutError | ConnectionError)
 
 
 def _check_origin(request: web.Request) -> None:

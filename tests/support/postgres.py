@@ -50,22 +50,29 @@ class PostgresServer:
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
 
-    def halt(self) -> None:
-        """Shut the server down as an outage would (fast: connections are cut),
-        keeping its data for ``resume``."""
+    def halt(self, mode: str = "fast") -> None:
+        """Shut the server down as an outage would, keeping its data for
+        ``resume``: "fast" cuts the connections and checkpoints; "immediate" is
+        a crash (no checkpoint: the next start replays the WAL)."""
         assert self.process is not None and self.data_dir is not None, "only one we started"
         as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         subprocess.run(
-            [*as_user, _binary("pg_ctl"), "stop", "-D", str(self.data_dir / "data"), "-m", "fast"],
+            [*as_user, _binary("pg_ctl"), "stop", "-D", str(self.data_dir / "data"), "-m", mode],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         self.process.wait(timeout=30)
 
-    def resume(self) -> None:
+    def start_again(self) -> None:
+        """Start the stopped server and return at once: it replays its WAL and
+        accepts logins when it is done (``resume`` waits for that)."""
         assert self.command is not None
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+
+    def resume(self) -> None:
+        self.start_again()
+        assert self.process is not None
         wait_for_port(self.host, self.port, timeout=60, process=self.process)
         self._wait_for_logins()
 
