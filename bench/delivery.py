@@ -35,11 +35,12 @@ from bench.load import scratch_dir
 from service import auth, migrate, outbox
 from service.app import inngest_client, inngest_session
 from service.config import Settings
-from service.db import Database, RawJSON
 from service.delivery.worker import DeliveryWorker
 from service.ids import new_event_id
 from service.intake import DocumentIntake, Submission
 from service.models import outbox as outbox_table
+from service.store.database import Database
+from service.store.encoding import RawJSON
 from tests.fakes.inngest import StandIn
 from tests.support.net import free_port, wait_for_port
 

@@ -36,7 +36,7 @@ from bench.load import (
     wait_delivered,
     wrk,
 )
-from service.delivery.notify import asyncpg_dsn
+from service.store.postgres.listener import asyncpg_dsn
 from tests.support.net import free_port, wait_for_port
 from tests.support.postgres import start_postgres
 

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from service import intake
 from service.cli import SWITCH_INTERVAL_SECONDS
-from service.db import create_engine, insert_json_rows_sql, json_rows
 from service.ids import new_event_id
 from service.migrate import upgrade
+from service.store.database import create_engine
+from service.store.sqlite.connection import insert_json_rows_sql, json_rows
 
 AT = "2026-11-23 10:00:00.000000"
 PAYLOAD = '{"name":"app/document.requested","data":{"documentName":"reports/q3.pdf"},"v":"1"}'

@@ -13,8 +13,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from service.config import Settings
-from service.db import create_engine
 from service.models import metadata
+from service.store.database import create_engine
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging_config"):

@@ -11,9 +11,7 @@ from aiohttp import web
 
 from . import auth, migrate
 from .config import Settings
-from .db import Database
 from .delivery.inngest import InngestClient
-from .delivery.notify import Listener
 from .delivery.worker import DeliveryWorker
 from .intake import DocumentIntake
 from .keys import (
@@ -32,6 +30,8 @@ from .keys import (
 )
 from .metrics import Metrics
 from .storage import S3CredentialChecker
+from .store.database import Database
+from .store.postgres.listener import Listener
 from .web import admin, documents, events, health, openapi, sessions
 from .web.middlewares import request_middleware
 

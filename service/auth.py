@@ -23,8 +23,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.exc import IntegrityError
 
 from .config import Settings
-from .db import Database
 from .models import login_failures, sessions, users
+from .store.database import Database
 
 MAX_CACHED_COOKIE_HEADER = 1024
 USERNAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")

@@ -19,9 +19,9 @@ from sqlalchemy.exc import DBAPIError
 
 from . import auth, cli_outbox, devprofile, migrate
 from .config import ConfigError, Profile, Settings
-from .db import Database, create_engine
 from .logs import configure_logging
 from .operations import InvalidArgument
+from .store.database import Database, create_engine
 from .web.middlewares import RequestIdAccessLogger
 from .web.server import AppRunner as ProblemAppRunner
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from . import operations
 from .config import Settings
-from .db import Database
 from .operations import Filter, InvalidArgument, Selection
+from .store.database import Database
 
 REPLAY_HELP = """\
 Put failed (or delivered) events back to pending, with their attempts reset, and

@@ -30,9 +30,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from . import outbox
-from .db import Database, DatabaseClosed, sqlite_time
-from .delivery.notify import NOTIFY_SQL
 from .models import documents
+from .store.database import Database
+from .store.errors import DatabaseClosed
+from .store.postgres.listener import NOTIFY_SQL
+from .store.sqlite.connection import sqlite_time
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ _SQLITE_INSERT = (
 
 
 class _SQLiteRows:
-    """A batch's rows for the writer (see db.Rows): encoded here, on the event
+    """A batch's rows for the writer (see store.sqlite.writer.Rows): encoded here, on the event
     loop, as the batch goes; taken, less the requests cancelled meanwhile, on
     the writer thread when its transaction runs, or as they are handed to the
     rows process (service.rows_process)."""

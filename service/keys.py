@@ -8,11 +8,11 @@ from aiohttp import web
 
 from .auth import CachedCookieStorage, LoginThrottle, PasswordVerifier, SessionRegistry
 from .config import Settings
-from .db import Database
 from .delivery.worker import DeliveryWorker
 from .intake import DocumentIntake
 from .metrics import Metrics
 from .storage import S3CredentialChecker
+from .store.database import Database
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)

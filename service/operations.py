@@ -17,11 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import outbox
-from .db import Database
 from .ids import new_event_id
 from .models import documents, outbox_history, users
 from .models import outbox as outbox_table
 from .outbox import OutboxStatus
+from .store.database import Database
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50

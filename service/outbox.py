@@ -20,9 +20,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .db import Database, RawJSON, insert_json_rows_sql, json_rows, sqlite_time
-from .delivery.notify import NOTIFY_SQL
 from .models import UTCDateTime, outbox, outbox_history
+from .store.database import Database
+from .store.encoding import RawJSON
+from .store.postgres.listener import NOTIFY_SQL
+from .store.sqlite.connection import insert_json_rows_sql, json_rows, sqlite_time
 
 # Version of the event's shape (the "v" field Inngest carries for us).
 EVENT_SCHEMA_VERSION = "1"

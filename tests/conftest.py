@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import auth, migrate
 from service.app import create_app
 from service.config import Profile, Settings
-from service.db import Database
+from service.store.database import Database
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import PostgresServer, PostgresUnavailable, connect_or_start
 from tests.support.s3 import MotoS3, start_moto

@@ -18,11 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import auth, migrate, outbox
 from service.app import create_app
 from service.config import Settings
-from service.db import Database, RawJSON
 from service.ids import new_event_id
 from service.keys import DATABASE, WORKER
 from service.logs import configure_logging
 from service.models import users
+from service.store.database import Database
+from service.store.encoding import RawJSON
 from service.web.middlewares import request_id_var
 from tests.conftest import PASSWORD
 from tests.fakes.inngest import POISON_ERROR, Fault, StandIn

@@ -15,7 +15,7 @@ import pytest_asyncio
 from service import auth
 from service.app import create_app
 from service.config import Settings
-from service.db import Database
+from service.store.database import Database
 from tests.conftest import PASSWORD
 from tests.fakes.inngest import POISON_ERROR, StandIn
 from tests.support.service import poll_until

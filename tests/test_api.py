@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import auth
 from service.app import create_app
 from service.config import Settings
-from service.db import Database
 from service.models import documents, outbox
+from service.store.database import Database
 from service.web.body import parse_json_object
 from tests.conftest import PASSWORD
 

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import auth
 from service.app import create_app
 from service.config import Settings
-from service.db import Database
 from service.models import login_failures, users
+from service.store.database import Database
 from tests.conftest import PASSWORD
 
 PROBLEM = "application/problem+json"

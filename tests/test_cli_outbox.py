@@ -13,7 +13,7 @@ import pytest
 
 from service import migrate
 from service.config import Settings
-from service.db import Database
+from service.store.database import Database
 from tests.fakes.inngest import POISON_ERROR, StandIn
 from tests.support.service import ServiceProcess, base_env, poll_until, run_cli
 from tests.test_delivery import enqueue, make_worker, states

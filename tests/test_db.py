@@ -9,7 +9,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from service.db import Database, DatabaseClosed, sqlite_time
+from service.store.database import Database
+from service.store.errors import DatabaseClosed
+from service.store.sqlite.connection import sqlite_time
 
 
 async def test_a_database_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
@@ -76,7 +78,7 @@ def _commit_after_three_pauses(
         if len(pauses) == 3:
             other.execute("COMMIT")
 
-    monkeypatch.setattr("service.rows_writer.time.sleep", pause)  # while_busy
+    monkeypatch.setattr("service.store.sqlite.busy.time.sleep", pause)  # while_busy
     return pauses
 
 
@@ -98,7 +100,7 @@ async def test_a_write_fails_once_the_lock_is_held_past_busy_timeout(
     db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     other = _hold_write_lock(db_url)
-    monkeypatch.setattr("service.db.SQLITE_BUSY_TIMEOUT_MS", 0)
+    monkeypatch.setattr("service.store.sqlite.connection.SQLITE_BUSY_TIMEOUT_MS", 0)
     with pytest.raises(sa.exc.OperationalError, match="database is locked"):
         await db.write(lambda conn: conn.execute(sa.text("SELECT 1")))
     other.execute("COMMIT")
@@ -108,7 +110,7 @@ async def test_a_write_fails_once_the_lock_is_held_past_busy_timeout(
 
 
 class Numbers:
-    """Rows for the driver-level INSERT (db.Rows): numbers into a table whose
+    """Rows for the driver-level INSERT (writer.Rows): numbers into a table whose
     CHECK refuses negative ones."""
 
     sql = "INSERT INTO numbers (x, tag) SELECT json_extract(value, '$[0]'), ?2 FROM json_each(?1)"
@@ -245,7 +247,7 @@ async def test_rows_fail_once_the_lock_is_held_past_busy_timeout(
 ) -> None:
     await _submit_rows(db, Numbers(0))
     other = _hold_write_lock(db_url)
-    monkeypatch.setattr("service.db.SQLITE_BUSY_TIMEOUT_MS", 0)
+    monkeypatch.setattr("service.store.sqlite.connection.SQLITE_BUSY_TIMEOUT_MS", 0)
     with pytest.raises(sqlite3.OperationalError, match="database is locked"):
         await _submit_rows(db, Numbers(1))
     other.execute("COMMIT")
@@ -333,7 +335,7 @@ async def test_the_wal_stays_bounded_under_steady_writes(
     import asyncio
     import os
 
-    from service import db as db_module
+    from service.store.sqlite import connection as db_module
 
     limit = 256 * 1024
     monkeypatch.setattr(db_module, "WAL_LIMIT_BYTES", limit)
@@ -432,7 +434,7 @@ def _asyncpg_errors() -> dict[str, Exception]:
 )
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_what_says_the_database_is_unavailable(name: str, unavailable: bool, wrapped: bool) -> None:
-    from service.db import is_unavailable
+    from service.store.errors import is_unavailable
 
     error = _asyncpg_errors()[name]
     assert is_unavailable(_through_sqlalchemy(error) if wrapped else error) is unavailable
@@ -441,7 +443,7 @@ def test_what_says_the_database_is_unavailable(name: str, unavailable: bool, wra
 def test_refused_connections_and_an_empty_pool_are_unavailable() -> None:
     from sqlalchemy import exc as sa_exc
 
-    from service.db import is_unavailable
+    from service.store.errors import is_unavailable
 
     assert is_unavailable(ConnectionRefusedError(111, "Connect call failed"))
     assert is_unavailable(OSError("Multiple exceptions: [Errno 111] Connect call failed"))

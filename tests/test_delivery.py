@@ -18,12 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import auth, outbox
 from service.app import inngest_client
 from service.config import Settings
-from service.db import Database, RawJSON
 from service.delivery.worker import DeliveryWorker, linger_seconds, split_for_request
 from service.ids import new_event_id
 from service.intake import DocumentIntake, Submission
 from service.models import outbox as outbox_table
 from service.models import outbox_history
+from service.store.database import Database
+from service.store.encoding import RawJSON
 from tests.fakes.inngest import POISON_ERROR, QUEUE_ERROR, QUEUE_TIMEOUT, Fault, StandIn
 from tests.support.net import free_port
 

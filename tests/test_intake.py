@@ -18,7 +18,6 @@ from sqlalchemy.util import await_only
 from service import auth, outbox
 from service.app import create_app
 from service.config import Settings
-from service.db import Database, RawJSON
 from service.ids import new_event_id
 from service.intake import (
     Accepted,
@@ -31,6 +30,8 @@ from service.intake import (
 from service.keys import INTAKE
 from service.models import documents
 from service.models import outbox as outbox_table
+from service.store.database import Database
+from service.store.encoding import RawJSON
 from tests.conftest import PASSWORD
 
 

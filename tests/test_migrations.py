@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from service import migrate
-from service.db import create_engine
 from service.models import metadata
+from service.store.database import create_engine
 from tests.support.service import base_env
 
 PROJECT = Path(__file__).resolve().parent.parent

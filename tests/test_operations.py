@@ -12,10 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import auth, operations, outbox
 from service.config import Settings
-from service.db import Database
 from service.models import documents, outbox_history
 from service.models import outbox as outbox_table
 from service.operations import Filter, InvalidArgument, Selection
+from service.store.database import Database
 from tests.fakes.inngest import POISON_ERROR, Fault, StandIn
 from tests.test_delivery import enqueue, later, make_worker, states
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import Database
-from service.delivery.notify import Listener
+from service.store.database import Database
+from service.store.postgres.listener import Listener
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import PostgresServer
 from tests.support.service import ServiceProcess, http_session, log_in, query, run_cli

@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 
-from service.db import Database
-from service.rows_process import RowsProcess
+from service.store.database import Database
+from service.store.sqlite.rows_process import RowsProcess
 
 from .test_db import Numbers, _submit_rows
 
@@ -180,7 +180,7 @@ def _rows_children(pid: int) -> list[int]:
     return [
         int(c)
         for c in children
-        if b"service.rows_writer" in Path(f"/proc/{c}/cmdline").read_bytes()
+        if b"service.store.sqlite.rows_child" in Path(f"/proc/{c}/cmdline").read_bytes()
     ]
 
 

@@ -24,9 +24,9 @@ from datetime import UTC, datetime, timedelta
 
 from .. import outbox
 from ..config import Settings
-from ..db import Database
 from ..metrics import Metrics
 from ..outbox import ClaimedEvent
+from ..store.database import Database
 from . import backoff
 from .inngest import (
     Accepted,

@@ -13,7 +13,6 @@ import orjson
 from aiohttp import web
 
 from .. import outbox
-from ..db import RawJSON
 from ..ids import new_event_id
 from ..intake import (
     IdempotencyKeyReused,
@@ -23,6 +22,7 @@ from ..intake import (
     Submission,
 )
 from ..keys import INTAKE, S3_CHECKER, SETTINGS
+from ..store.encoding import RawJSON
 from .body import read_json_object
 from .problems import Problem, database_unavailable, invalid_field, unauthenticated
 from .sessions import current_user

@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_log import AccessLogger
 
-from ..db import is_unavailable
 from ..ids import new_request_id
 from ..keys import METRICS, SETTINGS
+from ..store.errors import is_unavailable
 from .problems import Problem, database_unavailable, from_http_exception
 
 log = logging.getLogger(__name__)

@@ -119,7 +119,7 @@ async def query(env: dict[str, str], sql: str) -> list[tuple[object, ...]]:
     """Read what a service process wrote, on whichever database it used."""
     import sqlalchemy as sa
 
-    from service.db import create_engine
+    from service.store.database import create_engine
 
     engine = create_engine(env["DATABASE_URL"])
     try:

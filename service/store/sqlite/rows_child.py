@@ -1,7 +1,7 @@
-"""The SQLite rows process's own code (see service.rows_process): it reads
+"""The SQLite rows process's own code (see rows_process.py): it reads
 writes from its input, commits them and answers on its output.
 
-    python -m service.rows_writer PATH BUSY_TIMEOUT_MS JOURNAL_SIZE_LIMIT
+    python -m service.store.sqlite.rows_child PATH BUSY_TIMEOUT_MS JOURNAL_SIZE_LIMIT
 
 Only the standard library and orjson: it starts with every app.
 """
@@ -11,31 +11,13 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import struct
 import sys
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
-LENGTH = struct.Struct("<I")
-T = TypeVar("T")
-
-
-def frames(buffer: bytearray) -> list[bytes]:
-    """The complete frames at the start of ``buffer``, taken out of it."""
-    found = []
-    start = 0
-    while len(buffer) - start >= LENGTH.size:
-        (length,) = LENGTH.unpack_from(buffer, start)
-        end = start + LENGTH.size + length
-        if end > len(buffer):
-            break
-        found.append(bytes(buffer[start + LENGTH.size : end]))
-        start = end
-    del buffer[:start]
-    return found
+from service.store.sqlite.busy import while_busy
+from service.store.sqlite.framing import LENGTH, frames
 
 
 def main(argv: list[str]) -> None:
@@ -51,10 +33,10 @@ def main(argv: list[str]) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # committed means on disk
-    conn.execute("PRAGMA busy_timeout=0")  # polled by _while_busy instead
+    conn.execute("PRAGMA busy_timeout=0")  # polled by while_busy instead
     conn.execute(f"PRAGMA journal_size_limit={journal_size_limit}")
     conn.execute("PRAGMA foreign_keys=ON")
-    # Checkpoints are the service's checkpointer thread's (db.SQLiteWriter):
+    # Checkpoints are the service's checkpointer thread's (writer.py):
     # here they would come before an answer, with an fsync of the database.
     conn.execute("PRAGMA wal_autocheckpoint=0")
     _reply(answers, [[0, None]])
@@ -125,27 +107,6 @@ def _insert(
     except sqlite3.Error as exc:
         return [[write[0], ["error", str(exc)]] for write in group]
     return [[write[0], None] for write in group]
-
-
-def while_busy(attempt: Callable[[], T], timeout: float) -> T:
-    """``attempt()``, tried again every 0.1 to 1 ms while another connection
-    holds SQLite's write lock, for ``timeout`` seconds (db._while_busy says why
-    not SQLite's busy handler). Here, not in db, as the process must not import
-    SQLAlchemy."""
-    deadline = time.monotonic() + timeout
-    pause = 0.0001
-    while True:
-        try:
-            return attempt()
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc) or time.monotonic() >= deadline:
-                raise
-        time.sleep(pause)  # without the GIL
-        pause = min(pause * 2, 0.001)
-
-
-def is_busy(exc: BaseException) -> bool:
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 if __name__ == "__main__":

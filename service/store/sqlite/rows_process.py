@@ -4,7 +4,7 @@ On the writer thread every statement gives up the GIL and takes it back from
 the busy event loop, two or three times a transaction, and each take stalls
 the loop while the writer runs: the loop thread waited for the GIL a tenth of
 the time under load. A process has a GIL of its own. The loop hands it each
-batch's rows (db.Rows) down a pipe and hears back once they are committed
+batch's rows (writer.Rows) down a pipe and hears back once they are committed
 (synchronous=FULL, as on the thread): only then does the intake answer.
 bench.compare, 30 rounds: 1.114 times the thread's req/s, faster in 24.
 
@@ -12,15 +12,15 @@ Everything else (jobs, statements, Rows with a test hook) stays on the writer
 thread; the two take turns at SQLite's write lock, each polling while the
 other holds it. If the process dies, each write in its hands was committed
 whole or not at all (one statement): the thread answers the committed ones
-and writes the others (Database._recover_rows), and takes the rows from then on.
+and writes the others (database.Database._recover_rows), and takes the rows from then on.
 
 Frames both ways: a 4-byte little-endian length, then JSON. To the process:
 [seq, sql, setup, params], the rows' JSON text the first of params. Back:
 a list of [seq, error], error null or [kind, message]; [[0, null]] once the
 database is open.
 
-The process is service/rows_writer.py (it imports next to nothing: it starts
-with every app).
+The process is rows_child.py (it imports next to nothing: it starts with
+every app).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .rows_writer import LENGTH, frames
+from .framing import LENGTH, frames
 
-if TYPE_CHECKING:  # db imports this module
-    from .db import Done, Rows
+if TYPE_CHECKING:
+    from .writer import Done, Rows
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class RowsProcess:
             sys.executable,
             "-P",  # nothing from the working directory
             "-m",
-            "service.rows_writer",
+            "service.store.sqlite.rows_child",
             *self._args,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -108,7 +108,7 @@ class RowsProcess:
         self.running = True
 
     def submit(self, rows: Rows, done: Done) -> None:
-        """Send ``rows`` (db.Rows) to be written; ``done(rows.written(), None)`` or
+        """Send ``rows`` (writer.Rows) to be written; ``done(rows.written(), None)`` or
         ``done(None, error)`` once the process has committed them or failed."""
         assert self._out is not None
         texts = rows.take()

@@ -1,23 +1,16 @@
-"""The database: engines, the SQLite connection rules, and how writes are made.
+"""The SQLite writer: one thread and one connection for every write of the
+process (group commit), and the checkpointer that keeps the WAL bounded.
 
-Reads go through one AsyncEngine (aiosqlite or asyncpg). Writes go through
-``Database.write(job)``, where a job is a plain function of a SQLAlchemy
-Connection run inside a transaction:
-
-- On SQLite, every write of the process runs on ONE thread with ONE
-  connection (``SQLiteWriter``). Jobs that arrive while a transaction commits
-  share the next one (group commit: one fsync for all of them), each in its
-  own SAVEPOINT so that one failing job fails alone. The process's writers
-  never meet at SQLite's lock, whose busy handler sleeps between tries, and a
-  transaction costs one hand-off to the thread, not one per statement.
-  The hottest writes skip SQLAlchemy there: ``submit_rows`` (rows for one
-  INSERT, merged with the same INSERT's other rows queued) and
-  ``write_statement`` (one statement and its row count) run on the driver.
-  When nothing else is queued with them, each such statement is a transaction
-  of its own, without BEGIN and COMMIT (autocommit), answered as soon as it
-  ends; beside SQLAlchemy jobs they share the jobs' transaction.
-- On PostgreSQL, a job runs in a transaction of its own on the async engine;
-  the server handles concurrent writers.
+Jobs that arrive while a transaction commits share the next one (one fsync
+for all of them), each in its own SAVEPOINT so that one failing job fails
+alone. The process's writers never meet at SQLite's lock, whose busy handler
+sleeps between tries, and a transaction costs one hand-off to the thread, not
+one per statement. The hottest writes skip SQLAlchemy: Rows (rows for one
+INSERT, merged with the same INSERT's other rows queued) and statements (one
+statement and its row count) run on the driver. When nothing else is queued
+with them, each such statement is a transaction of its own, without BEGIN and
+COMMIT (autocommit), answered as soon as it ends; beside SQLAlchemy jobs they
+share the jobs' transaction.
 """
 
 from __future__ import annotations
@@ -29,305 +22,23 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from .rows_process import RowsProcess
-from .rows_writer import is_busy, while_busy
+from .. import errors
+from ..encoding import dumps
+from . import connection as rules
+from .busy import is_busy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[Connection], T]
-
-SQLITE_BUSY_TIMEOUT_MS = 5000
-# How often the checkpointer copies the WAL into the database file, and how
-# large the WAL may grow before it is started again from its beginning (see
-# SQLiteWriter._checkpoint). Read when a writer is made (tests change them).
-# Often, so that the RESTART checkpoint, which holds the write lock while it
-# copies what was written since the last one and syncs the file, has little to
-# copy: at 0.5 s it held the lock up to 19 ms under load (every request in
-# flight waited: p99 over 20 ms, up to 56, in 11 of 42 2 s windows), at 0.1 s
-# 2.3 ms on average, 6.5 at most (p99 under 12.5 ms in all 28).
-CHECKPOINT_SECONDS = 0.1
-WAL_LIMIT_BYTES = 64 * 1024 * 1024
-MIN_SQLITE = (3, 35, 0)
-_BEGIN_OPTION = "sqlite_begin"
-_IMMEDIATE_POLLING = "IMMEDIATE, polling"
-
-
-class RawJSON(str):
-    """JSON text that was already serialised (and measured); stored as it is."""
-
-
-def dumps(value: Any) -> str:
-    if isinstance(value, RawJSON):
-        return value
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def sqlite_time(value: datetime) -> str:
-    """A UTC timestamp as SQLAlchemy stores it in SQLite (text that sorts in time order)."""
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    # Half the time of astimezone(), replace() and isoformat() (3.0 against
-    # 1.5 us): it runs for every request on the event loop.
-    return value.isoformat(" ", "microseconds")[:-6]  # less "+00:00"
-
-
-def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> AsyncEngine:
-    engine = create_async_engine(
-        url,
-        json_serializer=dumps,
-        json_deserializer=json.loads,
-        # Statement parameters hold documents, events and password hashes:
-        # keep them out of error messages and so out of the logs.
-        hide_parameters=True,
-        **kwargs,
-    )
-    if engine.dialect.name == "sqlite":
-        if sqlite3.sqlite_version_info < MIN_SQLITE:
-            raise RuntimeError(
-                f"SQLite {sqlite3.sqlite_version} is too old: RETURNING needs 3.35 or newer"
-            )
-        if not _has_json1():
-            raise RuntimeError(
-                f"SQLite {sqlite3.sqlite_version} was built without its JSON functions,"
-                " which the writer needs"
-            )
-        _configure_sqlite(engine, foreign_keys=foreign_keys)
-    return engine
-
-
-def _has_json1() -> bool:
-    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-        try:
-            conn.execute("SELECT json_extract('[1]', '$[0]')")
-        except sqlite3.OperationalError:
-            return False
-    return True
-
-
-def json_rows(rows: Iterable[Sequence[object]]) -> str:
-    """Rows as one JSON array: a statement over ``json_each(?)`` writes them all.
-
-    The writer thread's statements, not executemany: every step of a SQLite
-    statement releases the GIL and must take it back, and while the event loop
-    is busy each take can wait up to the interpreter's switch interval. A
-    transaction of a hundred rows by executemany spent most of its time waiting
-    there; one statement per table waits a couple of times.
-
-    Text, not bytes: SQLite 3.45 and newer read a BLOB argument of the JSON
-    functions as its binary JSONB format.
-    """
-    return orjson.dumps(list(rows)).decode()
-
-
-def insert_json_rows_sql(
-    table: str, columns: Sequence[str], fixed: Mapping[str, str] | None = None
-) -> str:
-    """An INSERT of the rows given by json_rows in its last parameter: element i
-    of each row goes to ``columns[i]``; ``fixed`` gives other columns an SQL
-    expression each (a literal, or ? for a parameter before the rows)."""
-    fixed = fixed or {}
-    extracts = [f"json_extract(value, '$[{i}]')" for i in range(len(columns))]
-    return (
-        f"INSERT INTO {table} ({', '.join([*columns, *fixed])})"
-        f" SELECT {', '.join([*extracts, *fixed.values()])} FROM json_each(?)"
-    )
-
-
-def write_engine(engine: AsyncEngine) -> AsyncEngine:
-    """The same pool, but SQLite transactions start with BEGIN IMMEDIATE."""
-    return engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
-
-
-class DatabaseClosed(Exception):
-    """The database no longer takes writes (the process is shutting down)."""
-
-
-# SQLSTATEs of a server that cannot serve now, whatever was asked of it
-# (PostgreSQL's error codes, appendix A): class 08, the connection failed or
-# was lost; 57P01 admin_shutdown and 57P02 crash_shutdown, the server is going
-# down; 57P03 cannot_connect_now, starting up, shutting down or in recovery;
-# 53300 too_many_connections.
-_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True when ``exc`` says the database cannot be reached or cannot serve
-    now (down, restarting, recovering, refusing connections, the pool out of
-    connections), so that a caller answers "unavailable, retry" rather than
-    "bug". An integrity or syntax error is not: that is the statement's fault.
-
-    The drivers' exceptions arrive wrapped (SQLAlchemy's DBAPIError around the
-    driver's, or around an adapter's around the driver's), so the whole chain
-    of causes is read.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, sa_exc.TimeoutError | OSError):
-            return True  # the pool had no connection to give; refused, reset, timed out
-        if isinstance(current, sa_exc.DBAPIError) and (
-            current.connection_invalidated
-            or isinstance(current, sa_exc.OperationalError | sa_exc.InterfaceError)
-        ):
-            return True
-        sqlstate = getattr(current, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
-            return True
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return False
-
-
-class Database:
-    """The process's database: ``engine`` for reads, ``write()`` for writes."""
-
-    def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
-        """``rows_process``: on a SQLite file, submit_rows() writes through a
-        process of its own (see service.rows_process), the API's hot path."""
-        self.url = url
-        self.engine = create_engine(url, **engine_kwargs)
-        self._writer = SQLiteWriter(url) if self.engine.dialect.name == "sqlite" else None
-        self._rows: RowsProcess | None = None
-        self._rows_process = rows_process
-        self._closed = False
-        self._submitted: set[asyncio.Task[Any]] = set()  # PostgreSQL: submit()'s writes
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
-
-    async def start(self) -> None:
-        if self._writer is not None:
-            self._writer.start()
-            path = self._writer.path
-            if self._rows_process and path and path != ":memory:":
-                rows = RowsProcess(
-                    path,
-                    busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS,
-                    journal_size_limit=WAL_LIMIT_BYTES,
-                    on_lost=self._recover_rows,
-                )
-                try:
-                    await rows.start()
-                except Exception:
-                    log.exception("the SQLite rows process did not start; the writer thread writes")
-                else:
-                    self._rows = rows
-
-    async def write(self, job: Job[T]) -> T:
-        """Run ``job`` in a committed transaction; raise what it raised (nothing kept)."""
-        if self._closed:
-            raise DatabaseClosed()
-        if self._writer is not None:
-            return await self._writer.run(job)
-        async with write_engine(self.engine).begin() as conn:
-            return await conn.run_sync(job)
-
-    def submit(self, job: Job[T], done: Done) -> None:
-        """``write`` without a task or a future: ``done(result, error)`` is called on
-        this event loop once the transaction has ended. (The intake's path: on
-        SQLite it hands the job to the writer thread at once, and the writer's
-        one wake-up of the loop per transaction answers every request in it.)"""
-        if self._closed:
-            raise DatabaseClosed()
-        loop = asyncio.get_running_loop()
-        if self._writer is not None:
-            self._writer.submit(job, done, loop)
-            return
-        task = loop.create_task(self.write(job))
-        self._submitted.add(task)
-        task.add_done_callback(lambda t: self._finish_submitted(t, done))
-
-    def submit_rows(self, rows: Rows, done: Done) -> None:
-        """SQLite only: queue ``rows`` for the writer; ``done(rows.written(), None)``
-        or ``done(None, error)`` is called on this event loop once their
-        transaction has ended."""
-        if self._closed:
-            raise DatabaseClosed()
-        if self._writer is None:
-            raise RuntimeError("submit_rows is for SQLite; use submit()")
-        if self._rows is not None and self._rows.running and rows.check is None:
-            self._rows.submit(rows, done)
-            return
-        self._writer.submit_rows(rows, done, asyncio.get_running_loop())
-
-    def _recover_rows(self, stranded: list[tuple[Rows, Done]]) -> None:
-        """The rows process died with these writes in its hands: each one is
-        committed whole or not at all (one statement). The writer thread
-        answers the committed ones and writes the others, so a client hears
-        neither an error for rows that were kept nor "ok" for rows that were not."""
-        assert self._writer is not None
-        loop = asyncio.get_running_loop()
-        for rows, done in stranded:
-
-            def recover(conn: Connection, rows: Rows = rows) -> Any:
-                raw = conn.connection.driver_connection
-                if not rows.committed(raw):
-                    for statement in rows.setup:  # IF NOT EXISTS; kept as the job commits
-                        raw.execute(statement)
-                    raw.execute(rows.sql, ("[" + ",".join(rows.take()) + "]", *rows.params))
-                return rows.written()
-
-            try:
-                self._writer.submit(recover, done, loop)
-            except DatabaseClosed as exc:
-                done(None, exc)
-
-    async def write_statement(self, sql: str, params: tuple[Any, ...]) -> int:
-        """SQLite only: run one driver statement in a committed transaction; its row count."""
-        if self._closed:
-            raise DatabaseClosed()
-        if self._writer is None:
-            raise RuntimeError("write_statement is for SQLite; use write()")
-        return await self._writer.run_statement(sql, params)
-
-    def _finish_submitted(self, task: asyncio.Task[Any], done: Done) -> None:
-        self._submitted.discard(task)
-        if task.cancelled():
-            done(None, DatabaseClosed())
-        elif (error := task.exception()) is not None:
-            done(None, error)
-        else:
-            done(task.result(), None)
-
-    @property
-    def writer_healthy(self) -> bool:
-        return self._writer is None or self._writer.healthy
-
-    @property
-    def rows_process_lost(self) -> bool:
-        """The SQLite rows process was started and has ended: the writer thread
-        writes the intake's rows now (correct, but slower) until a restart."""
-        return self._rows is not None and not self._rows.running and not self._closed
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._rows is not None:
-            await self._rows.close()
-        if self._writer is not None:
-            await asyncio.to_thread(self._writer.close)
-        await self.engine.dispose()
-
-    async def __aenter__(self) -> Database:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
 
 # Called on the caller's event loop with (result, None) or (None, error).
@@ -409,7 +120,7 @@ class SQLiteWriter:
             poolclass=StaticPool,
             connect_args={"check_same_thread": False},
         )
-        _configure_sqlite_sync(self._engine, foreign_keys=True)
+        rules.configure_sync(self._engine, foreign_keys=True)
 
         @event.listens_for(self._engine, "connect")
         def _writer_connection(dbapi_connection: Any, _record: Any) -> None:
@@ -425,11 +136,13 @@ class SQLiteWriter:
                 dbapi_connection.execute("PRAGMA busy_timeout=0")
 
         self._path = make_url(url).database or ""
-        self._checkpoint_seconds = CHECKPOINT_SECONDS
-        self._wal_limit = WAL_LIMIT_BYTES
+        self._checkpoint_seconds = rules.CHECKPOINT_SECONDS
+        self._wal_limit = rules.WAL_LIMIT_BYTES
         self._stopped = threading.Event()
         self._checkpointer: threading.Thread | None = None
-        self._write = self._engine.execution_options(**{_BEGIN_OPTION: _IMMEDIATE_POLLING})
+        self._write = self._engine.execution_options(
+            **{rules.BEGIN_OPTION: rules.IMMEDIATE_POLLING}
+        )
         self._jobs: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
         self._max = max_jobs_per_transaction
         self._thread: threading.Thread | None = None
@@ -470,7 +183,7 @@ class SQLiteWriter:
         written from its beginning again only when a write starts with all of
         it copied, which under steady load never happens: it grew by 1.6 GB in
         90 s of bench.load, and the memory mapped for its index with it. Past
-        WAL_LIMIT_BYTES, a RESTART checkpoint follows the PASSIVE one: it takes
+        rules.WAL_LIMIT_BYTES, a RESTART checkpoint follows the PASSIVE one: it takes
         the write lock if it is free (without a busy handler it neither waits
         for it nor for readers), copies the little written since, and the next
         write starts the WAL again; journal_size_limit then trims the file.
@@ -482,12 +195,12 @@ class SQLiteWriter:
             while not self._stopped.wait(self._checkpoint_seconds):
                 try:
                     if not page_size:
-                        conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                        conn.execute(f"PRAGMA busy_timeout={rules.SQLITE_BUSY_TIMEOUT_MS}")
                         conn.execute("PRAGMA synchronous=FULL")
                         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if frames * page_size > self._wal_limit:
-                        _restart_wal(conn)
+                        rules.restart_wal(conn)
                 except sqlite3.Error as exc:
                     if not is_busy(exc):  # busy: the next round
                         log.warning("WAL checkpoint failed: %s", exc)
@@ -516,7 +229,7 @@ class SQLiteWriter:
     def _queue(self, queued: _Queued) -> None:
         with self._queue_lock:
             if self._closed or self._broken is not None or self._thread is None:
-                raise DatabaseClosed()
+                raise errors.DatabaseClosed()
             self._jobs.put(queued)
 
     def close(self) -> None:
@@ -529,7 +242,7 @@ class SQLiteWriter:
                 self._jobs.put(None)
         if self._thread is not None:
             self._thread.join()
-        self._fail_queued(DatabaseClosed())
+        self._fail_queued(errors.DatabaseClosed())
         self._stopped.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
@@ -542,7 +255,7 @@ class SQLiteWriter:
             log.critical("the SQLite writer thread failed; writes are refused", exc_info=exc)
             with self._queue_lock:
                 self._broken = exc
-            self._fail_queued(DatabaseClosed())
+            self._fail_queued(errors.DatabaseClosed())
         finally:
             conn.close()
 
@@ -603,7 +316,7 @@ class SQLiteWriter:
         """The thread is going down: no caller may wait forever."""
         with self._queue_lock:
             self._broken = exc
-        _settle_threadsafe([(queued, None, DatabaseClosed()) for queued in unanswered])
+        _settle_threadsafe([(queued, None, errors.DatabaseClosed()) for queued in unanswered])
 
     def _write_statements(self, raw: sqlite3.Connection, batch: list[_Queued]) -> None:
         """Driver writes only: each statement (all the rows for one INSERT
@@ -651,7 +364,7 @@ class SQLiteWriter:
         outcomes: list[tuple[_Queued, Any, BaseException | None]],
     ) -> None:
         """BEGIN, the statements and COMMIT, on the driver."""
-        _while_busy(lambda: raw.execute("BEGIN IMMEDIATE"))
+        rules.wait_while_busy(lambda: raw.execute("BEGIN IMMEDIATE"))
         try:
             self._run_direct(raw, direct, outcomes)
             raw.execute("COMMIT")
@@ -726,7 +439,7 @@ class SQLiteWriter:
         a transaction, which reports each write's own outcome (there a bad row
         among merged rows fails alone)."""
         try:
-            _while_busy(lambda: self._run_direct(raw, direct, outcomes))
+            rules.wait_while_busy(lambda: self._run_direct(raw, direct, outcomes))
         except Exception as exc:
             if is_busy(exc):
                 raise  # the lock held past busy_timeout: nothing was written
@@ -819,16 +532,6 @@ class SQLiteWriter:
         outcomes.append((queued, result, None))
 
 
-def _restart_wal(conn: sqlite3.Connection) -> None:
-    """A RESTART checkpoint without a busy handler: holding the write lock, it
-    would wait for readers, and the writer with it."""
-    conn.execute("PRAGMA busy_timeout=0")
-    try:
-        conn.execute("PRAGMA wal_checkpoint(RESTART)")
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-
-
 def _settle_threadsafe(outcomes: list[tuple[_Queued, Any, BaseException | None]]) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
     for outcome in outcomes:
@@ -850,41 +553,6 @@ def _settle(outcomes: list[tuple[_Queued, Any, BaseException | None]]) -> None:
             log.exception("settling a write's outcome failed")
 
 
-def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:
-    _configure_sqlite_sync(engine.sync_engine, foreign_keys=foreign_keys)
-
-
-def _configure_sqlite_sync(sync_engine: Engine, *, foreign_keys: bool) -> None:
-    @event.listens_for(sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # pysqlite's legacy transaction handling issues BEGIN lazily and
-        # implicitly; we issue BEGIN ourselves in the "begin" hook below.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before we acknowledge; an accepted
-            # event survives a power loss, not only a killed process.
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            # A WAL started again from its beginning is cut back to this size
-            # (SQLiteWriter._checkpoint): it would keep its largest size.
-            cursor.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-            # Off only for migrations: batch mode rebuilds tables by copy and drop.
-            cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
-        finally:
-            cursor.close()
-
-    @event.listens_for(sync_engine, "begin")
-    def _on_begin(connection: Connection) -> None:
-        mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        if mode != _IMMEDIATE_POLLING:
-            connection.exec_driver_sql(f"BEGIN {mode}")
-        elif not _begin_polling(connection.connection.driver_connection):
-            # Once more through SQLAlchemy, for its error (the caller's to handle).
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def _statements(direct: list[_Queued]) -> list[list[_Queued]]:
     """Driver writes as statements: the rows for each INSERT and parameters
     together (first), then each statement alone."""
@@ -896,26 +564,3 @@ def _statements(direct: list[_Queued]) -> list[list[_Queued]]:
         else:
             statements.append([queued])
     return [*inserts.values(), *statements]
-
-
-def _while_busy(attempt: Callable[[], T]) -> T:
-    """``attempt()``, tried again every few hundred microseconds while another
-    process (a worker beside the API, the rows process) holds the write lock;
-    its error once the lock is still taken at busy_timeout's deadline, or at
-    once if another (see rows_writer.while_busy, which the rows process uses too).
-
-    SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and more between
-    tries, while the other process's transactions last a millisecond or two: two
-    processes writing at once made each other wait tens of milliseconds (the
-    API's p99 went to 260 ms beside a worker process).
-    """
-    return while_busy(attempt, SQLITE_BUSY_TIMEOUT_MS / 1000)
-
-
-def _begin_polling(raw: sqlite3.Connection) -> bool:
-    """BEGIN IMMEDIATE (see _while_busy); False if it did not begin."""
-    try:
-        _while_busy(lambda: raw.execute("BEGIN IMMEDIATE"))
-    except sqlite3.OperationalError:
-        return False
-    return True

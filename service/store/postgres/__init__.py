@@ -1,0 +1,1 @@
+"""PostgreSQL's wing of the store (see service/store/__init__.py)."""
