@@ -39,6 +39,7 @@ from service.delivery.worker import DeliveryWorker
 from service.ids import new_event_id
 from service.intake import DocumentIntake, Submission
 from service.models import outbox as outbox_table
+from service.store import open_database
 from service.store.database import Database
 from service.store.encoding import RawJSON
 from tests.fakes.inngest import StandIn
@@ -65,7 +66,7 @@ async def fill(db: Database, count: int) -> list[outbox.NewEvent]:
     events = [make_event(i, now) for i in range(count)]
     for start in range(0, count, 5000):
         chunk = events[start : start + 5000]
-        await db.write(lambda conn, chunk=chunk: outbox.enqueue(conn, chunk))
+        await outbox.enqueue(db, chunk)
     return events
 
 
@@ -118,7 +119,7 @@ async def idle_latency(samples: int) -> list[float]:
         inngest_base_url=f"http://127.0.0.1:{port}",
         inngest_event_key=KEY,
     )
-    db = Database(settings.database_url)
+    db = open_database(settings.database_url)
     await migrate.upgrade(db.engine)
     await db.start()
     wake = asyncio.Event()
@@ -171,7 +172,7 @@ async def main() -> None:
             inngest_base_url=url,
             inngest_event_key=KEY,
         )
-        db = Database(settings.database_url)
+        db = open_database(settings.database_url)
         await migrate.upgrade(db.engine)
         await db.start()
 

@@ -30,8 +30,8 @@ from .keys import (
 )
 from .metrics import Metrics
 from .storage import S3CredentialChecker
+from .store import open_database
 from .store.database import Database
-from .store.postgres.listener import Listener
 from .web import admin, documents, events, health, openapi, sessions
 from .web.middlewares import request_middleware
 
@@ -102,7 +102,7 @@ def create_worker_status_app(
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     # The intake's rows go through a process of their own (service.rows_process).
-    db = Database(app[SETTINGS].database_url, rows_process=True)
+    db = open_database(app[SETTINGS].database_url, rows_process=True)
     await db.start()
     app[DATABASE] = db
     app[SCHEMA_HEAD] = await asyncio.to_thread(migrate.head_revision) or ""
@@ -170,10 +170,12 @@ async def _delivery(app: web.Application) -> AsyncIterator[None]:
 
 
 def listen_for_commits(db: Database, wake: asyncio.Event) -> asyncio.Task[None] | None:
-    """On PostgreSQL, commits of other processes and hosts wake this worker."""
-    if db.dialect != "postgresql":
+    """Commits of other processes and hosts wake this worker, where the store
+    can tell (PostgreSQL's NOTIFY); elsewhere the worker's poll finds them."""
+    listening = db.listen(wake)
+    if listening is None:
         return None
-    return asyncio.create_task(Listener(db.url, wake).run(), name="outbox-listener")
+    return asyncio.create_task(listening, name="outbox-listener")
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -21,7 +21,8 @@ from . import auth, cli_outbox, devprofile, migrate
 from .config import ConfigError, Profile, Settings
 from .logs import configure_logging
 from .operations import InvalidArgument
-from .store.database import Database, create_engine
+from .store import open_database
+from .store.database import create_engine
 from .web.middlewares import RequestIdAccessLogger
 from .web.server import AppRunner as ProblemAppRunner
 
@@ -227,7 +228,7 @@ async def _work(settings: Settings, *, burst: bool, metrics_port: int | None = N
     from .metrics import Metrics
 
     received = _catch_signals()
-    db = Database(settings.database_url)
+    db = open_database(settings.database_url)
     await db.start()
     try:
         async with inngest_session(settings) as session:
@@ -345,7 +346,7 @@ def _read_password() -> str:
 
 
 async def _add_user(url: str, username: str, password: str, is_admin: bool) -> auth.User:
-    async with Database(url) as db:
+    async with open_database(url) as db:
         return await auth.create_user(db, username, password, is_admin=is_admin)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from . import operations
 from .config import Settings
 from .operations import Filter, InvalidArgument, Selection
+from .store import open_database
 from .store.database import Database
 
 REPLAY_HELP = """\
@@ -128,7 +129,7 @@ def _sync(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
         require_schema_at_head(settings.database_url)
 
         async def with_database() -> int:
-            async with Database(settings.database_url) as db:
+            async with open_database(settings.database_url) as db:
                 return await command(args, db)
 
         return asyncio.run(with_database())

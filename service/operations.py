@@ -175,7 +175,7 @@ async def timeline(
     """
     first = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
     async with db.engine.connect() as conn:
-        minute = _minute_of(conn)
+        minute = db.minute_of
         delivered = await _per_minute(
             conn,
             minute(outbox_table.c.delivered_at),
@@ -211,13 +211,6 @@ async def timeline(
         backlog += delivered.get(start, 0) + failed.get(start, 0) - arrived.get(start, 0)
     result.reverse()
     return result
-
-
-def _minute_of(conn: AsyncConnection) -> Callable[[sa.ColumnElement[Any]], sa.ColumnElement[Any]]:
-    if conn.dialect.name == "sqlite":
-        # Stored as 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC: the minute is a prefix.
-        return lambda column: sa.func.substr(column, 1, 16)
-    return lambda column: sa.func.date_trunc("minute", sa.func.timezone("UTC", column))
 
 
 async def _per_minute(
@@ -486,7 +479,7 @@ async def replay(
         else:
             moved, skipped = await db.write(
                 lambda conn, ids=batch: outbox.replay(
-                    conn, ids, actor=actor, now=now, new_id=new_event_id if new_ids else None
+                    db, conn, ids, actor=actor, now=now, new_id=new_event_id if new_ids else None
                 )
             )
             result.replayed.extend(moved)

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import auth, migrate
 from service.app import create_app
 from service.config import Profile, Settings
+from service.store import open_database
 from service.store.database import Database
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import PostgresServer, PostgresUnavailable, connect_or_start
@@ -142,7 +143,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest_asyncio.fixture
 async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(db_url)
+    database = open_database(db_url)
     await migrate.upgrade(database.engine)
     async with database:
         yield database

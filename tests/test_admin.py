@@ -348,7 +348,7 @@ async def test_metrics(
     async with asyncio.timeout(10):
         await worker.wait_for(lambda stats: stats.delivered == 2 and stats.failed == 1)
     await worker.stop()
-    await db.write(lambda conn: outbox.enqueue(conn, [pending_event()]))  # stays pending
+    await outbox.enqueue(db, [pending_event()])  # stays pending
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"

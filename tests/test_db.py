@@ -9,13 +9,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from service.store import open_database
 from service.store.database import Database
 from service.store.errors import DatabaseClosed
 from service.store.sqlite.connection import sqlite_time
 
 
 async def test_a_database_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    db = open_database(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
     with pytest.raises(sa.exc.OperationalError):
         await db.start()
     await db.engine.dispose()
@@ -265,12 +266,15 @@ async def test_write_statement_gives_its_row_count_and_its_error(db: Database) -
     assert await _numbers(db) == [1, 12, 13]
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-async def test_driver_writes_are_for_sqlite_only(db: Database) -> None:
-    with pytest.raises(RuntimeError, match="submit_rows is for SQLite"):
-        db.submit_rows(Numbers(1), lambda result, error: None)
-    with pytest.raises(RuntimeError, match="write_statement is for SQLite"):
-        await db.write_statement("SELECT 1", ())
+def test_the_backend_is_chosen_once_from_the_url(tmp_path: Path) -> None:
+    from service.store.postgres.database import PostgresDatabase
+    from service.store.sqlite.database import SQLiteDatabase
+
+    sqlite_db = open_database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    postgres_db = open_database("postgresql+asyncpg://nobody@127.0.0.1:9/none")
+    assert (type(sqlite_db), type(postgres_db)) == (SQLiteDatabase, PostgresDatabase)
+    with pytest.raises(ValueError, match="DATABASE_URL must be"):
+        open_database("mysql://nobody@127.0.0.1/none")
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -341,7 +345,7 @@ async def test_the_wal_stays_bounded_under_steady_writes(
     monkeypatch.setattr(db_module, "WAL_LIMIT_BYTES", limit)
     monkeypatch.setattr(db_module, "CHECKPOINT_SECONDS", 0.005)
     path = tmp_path / "wal.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
+    db = open_database(f"sqlite+aiosqlite:///{path}")
     await db.start()
     try:
         await db.write(lambda conn: conn.execute(sa.text("CREATE TABLE blobs (b BLOB)")))

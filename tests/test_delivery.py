@@ -51,7 +51,7 @@ async def enqueue(db: Database, count: int, *, data: dict[str, Any] | None = Non
             ts_ms=int(now.timestamp() * 1000),
         )
         events.append(outbox.NewEvent(event_id, event["name"], RawJSON(json.dumps(event)), now))
-    await db.write(lambda conn: outbox.enqueue(conn, events))
+    await outbox.enqueue(db, events)
     return [e.id for e in events]
 
 

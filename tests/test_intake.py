@@ -27,7 +27,7 @@ from service.intake import (
     StorageUnavailable,
     Submission,
 )
-from service.keys import INTAKE
+from service.keys import DATABASE, INTAKE
 from service.models import documents
 from service.models import outbox as outbox_table
 from service.store.database import Database
@@ -101,10 +101,11 @@ async def test_concurrent_submissions_share_commits(
 
 
 async def test_each_answer_waits_for_its_commit(
+    db: Database,
     intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     gate = Gate()
-    intake.hook_before_commit = gate
+    db.before_commit = gate
     task = asyncio.create_task(intake.submit(submission(user)))
     await gate.entered.wait()
     await asyncio.sleep(0)
@@ -116,10 +117,11 @@ async def test_each_answer_waits_for_its_commit(
 
 
 async def test_cancelled_while_queued_writes_nothing(
+    db: Database,
     intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     gate = Gate()
-    intake.hook_mid_transaction = gate
+    db.before_commit = gate
     first = asyncio.create_task(intake.submit(submission(user, "first")))
     await gate.entered.wait()
     queued = asyncio.create_task(intake.submit(submission(user, "queued")))
@@ -138,10 +140,11 @@ async def test_cancelled_while_queued_writes_nothing(
 
 
 async def test_request_cancelled_mid_transaction_is_written_whole(
+    db: Database,
     intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     gate = Gate()
-    intake.hook_mid_transaction = gate
+    db.before_commit = gate
     sub = submission(user)
     request = asyncio.create_task(intake.submit(sub))
     await gate.entered.wait()  # the rows are written, not yet committed
@@ -157,12 +160,13 @@ async def test_request_cancelled_mid_transaction_is_written_whole(
 
 
 async def test_a_failure_mid_transaction_leaves_no_half_rows(
+    db: Database,
     intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
-    def crash() -> None:  # after the document rows, before the outbox rows
+    def crash() -> None:  # after both rows, before COMMIT
         raise RuntimeError("the writer died here")
 
-    intake.hook_mid_transaction = crash
+    db.before_commit = crash
     results = await asyncio.gather(
         *(intake.submit(submission(user)) for _ in range(3)), return_exceptions=True
     )
@@ -204,10 +208,10 @@ async def test_one_bad_row_fails_alone(
     intake = DocumentIntake(db, batch_limit=batch_limit, batches_in_flight=batches_in_flight)
     await intake.start()
     gate = Gate()
-    intake.hook_mid_transaction = gate
+    db.before_commit = gate
     blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
     await gate.entered.wait()
-    intake.hook_mid_transaction = None
+    db.before_commit = None
     # Queued behind the blocker, these share one commit; one names a user
     # that does not exist (a foreign key violation).
     ghost = auth.User(id=999, username="ghost", is_admin=False)
@@ -228,13 +232,14 @@ async def test_one_bad_row_fails_alone(
 
 
 async def test_writer_recovers_after_a_failed_batch(
+    db: Database,
     intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     def fail_once() -> None:
-        intake.hook_mid_transaction = None
+        db.before_commit = None
         raise OSError("disk I/O error")
 
-    intake.hook_mid_transaction = fail_once
+    db.before_commit = fail_once
     with pytest.raises(StorageUnavailable):
         await intake.submit(submission(user))
     assert isinstance(await intake.submit(submission(user)), Accepted)
@@ -247,7 +252,7 @@ async def test_full_queue_is_overloaded_at_once(
     intake = DocumentIntake(db, queue_limit=3, batch_limit=1)
     await intake.start()
     gate = Gate()
-    intake.hook_mid_transaction = gate
+    db.before_commit = gate
     in_transaction = asyncio.create_task(intake.submit(submission(user)))
     await gate.entered.wait()
     waiting = [asyncio.create_task(intake.submit(submission(user))) for _ in range(2)]
@@ -282,7 +287,7 @@ async def test_overloaded_api_answers_503_with_retry_after(
     client: TestClient = await aiohttp_client(app)
     await client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
     gate = Gate()
-    app[INTAKE].hook_mid_transaction = gate
+    app[DATABASE].before_commit = gate
     held = asyncio.create_task(client.post("/api", json={"documentName": "held"}))
     await gate.entered.wait()
     assert app[INTAKE].queued == 1  # "held", in its transaction: the limit is reached
@@ -327,23 +332,30 @@ async def test_the_rows_written_are_exactly_the_submission(
 
 
 async def test_keyed_and_plain_requests_in_one_batch_are_each_written_whole(
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User, monkeypatch: pytest.MonkeyPatch
+    db: Database,
+    intake: DocumentIntake,
+    engine: AsyncEngine,
+    user: auth.User,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def keyed(name: str) -> Submission:
         sub = submission(user, name)
         sub.idempotency_key, sub.request_hash = f"key-{name}", "0" * 64
         return sub
 
-    # Submitted together: one batch, which SQLite splits (the plain ones keep
-    # the one-statement path) and PostgreSQL writes in one transaction.
-    calls: list[str] = []
-    db = intake._db
-    submit, submit_rows = db.submit, db.submit_rows
-    monkeypatch.setattr(db, "submit", lambda *a: (calls.append("job"), submit(*a))[1])
-    monkeypatch.setattr(db, "submit_rows", lambda *a: (calls.append("rows"), submit_rows(*a))[1])
+    # Submitted together: one batch, which the intake splits, so that the plain
+    # ones keep the store's fastest path.
+    calls: list[list[str]] = []
+    insert = db.insert_submissions
+
+    def spy(batch, hand_off, done):  # type: ignore[no-untyped-def]
+        calls.append([p.submission.document_name for p in batch])
+        insert(batch, hand_off, done)
+
+    monkeypatch.setattr(db, "insert_submissions", spy)
     subs = [submission(user, "p0"), keyed("k0"), submission(user, "p1"), keyed("k1")]
     results = await asyncio.gather(*(intake.submit(s) for s in subs))
-    assert calls == (["rows", "job"] if db.dialect == "sqlite" else ["job"])
+    assert calls == [["p0", "p1"], ["k0", "k1"]]
     assert results == [Accepted(s.event.id) for s in subs]
     async with engine.connect() as conn:
         docs = (await conn.execute(sa.select(documents).order_by(documents.c.id))).all()

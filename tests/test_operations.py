@@ -417,8 +417,8 @@ async def test_a_filtered_replay_ends_even_when_rows_come_back_to_the_filter(
     monkeypatch.setattr(operations, "REPLAY_BATCH", 2)
     real_replay = outbox.replay
 
-    def replay_then_fail_again(conn, ids, **kwargs):  # type: ignore[no-untyped-def]
-        moved, skipped = real_replay(conn, ids, **kwargs)
+    def replay_then_fail_again(db, conn, ids, **kwargs):  # type: ignore[no-untyped-def]
+        moved, skipped = real_replay(db, conn, ids, **kwargs)
         conn.execute(
             sa.update(outbox_table)
             .where(outbox_table.c.id.in_([r.new_id for r in moved]))

@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 
+from service.store import open_database
 from service.store.database import Database
 from service.store.sqlite.rows_process import RowsProcess
 
@@ -21,7 +22,7 @@ from .test_db import Numbers, _submit_rows
 
 @pytest_asyncio.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
+    database = open_database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
     await database.start()
     try:
         yield database
@@ -120,7 +121,7 @@ async def test_a_write_it_committed_before_it_died_is_answered_once_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ROWS_WRITER_TEST_EXIT_AFTER_COMMIT", "1")
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
+    database = open_database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
     await database.start()
     try:
         rows = _child(database)
@@ -135,7 +136,7 @@ async def test_a_write_it_committed_before_it_died_is_answered_once_written(
 
 
 async def test_close_answers_what_was_sent_before_it_ends(tmp_path: Path) -> None:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
+    database = open_database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
     await database.start()
     try:
         pid = _pid(_child(database))
@@ -161,7 +162,7 @@ async def test_a_process_that_cannot_open_the_database_fails_its_start(tmp_path:
 
 
 async def test_an_in_memory_database_has_no_process() -> None:
-    async with Database("sqlite+aiosqlite:///:memory:", rows_process=True) as database:
+    async with open_database("sqlite+aiosqlite:///:memory:", rows_process=True) as database:
         assert database._rows is None
 
 
@@ -216,7 +217,7 @@ async def test_the_intakes_requests_survive_the_process_dying_under_them(tmp_pat
 
     from .test_intake import counts, submission
 
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
+    database = open_database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
     await migrate.upgrade(database.engine)
     await database.start()
     intake = DocumentIntake(database)

@@ -2,13 +2,15 @@
 
 Reads go through one AsyncEngine (aiosqlite or asyncpg). Writes go through
 ``Database.write(job)``, where a job is a plain function of a SQLAlchemy
-Connection run inside a transaction:
+Connection run inside a transaction, and through the verbs below, which each
+backend implements its own way (``sqlite/database.py``, ``postgres/database.py``;
+``service.store.open_database`` picks one from the URL):
 
 - On SQLite, every write of the process runs on ONE thread with ONE
   connection (sqlite/writer.py), the intake's rows through a process of their
   own (sqlite/rows_process.py).
 - On PostgreSQL, a job runs in a transaction of its own on the async engine;
-  the server handles concurrent writers.
+  the server handles concurrent writers, and a NOTIFY wakes other hosts.
 """
 
 from __future__ import annotations
@@ -16,21 +18,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .contract import Claim, HandOff, NewEvent, Submission
 from .encoding import dumps
 from .errors import DatabaseClosed
 from .sqlite import connection as sqlite_rules
-from .sqlite.rows_process import RowsProcess
-from .sqlite.writer import Done, Rows, SQLiteWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[Connection], T]
+# Called on the caller's event loop with (result, None) or (None, error).
+Done = Callable[[Any, BaseException | None], None]
 
 
 def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> AsyncEngine:
@@ -49,108 +53,57 @@ def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Asyn
     return engine
 
 
-class Database:
-    """The process's database: ``engine`` for reads, ``write()`` for writes."""
+class PendingSubmission(Protocol):
+    """A request waiting for its commit: its submission, and the future that
+    answers it (a cancelled one is left out of a transaction not yet begun)."""
 
-    def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
-        """``rows_process``: on a SQLite file, submit_rows() writes through a
-        process of its own (see sqlite/rows_process.py), the API's hot path."""
+    submission: Submission
+    future: asyncio.Future[Any]
+
+
+# What insert_submissions gives ``done``: each request's result (None: left
+# out, cancelled), and the events written.
+Written = tuple[list[Any], list[NewEvent]]
+
+
+class RowsRefused(Exception):
+    """The database refused a row (a constraint): nothing of the write was kept,
+    and the same rows would be refused again."""
+
+
+class Database:
+    """The process's database: ``engine`` for reads, ``write()`` for writes, and
+    the verbs the domain needs. The base runs every write as a transaction of
+    its own on the async engine; a backend overrides what it does better."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
         self.url = url
         self.engine = create_engine(url, **engine_kwargs)
-        self._writer = SQLiteWriter(url) if self.engine.dialect.name == "sqlite" else None
-        self._rows: RowsProcess | None = None
-        self._rows_process = rows_process
         self._closed = False
-        self._submitted: set[asyncio.Task[Any]] = set()  # PostgreSQL: submit()'s writes
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
+        self._submitted: set[asyncio.Task[Any]] = set()  # submit()'s writes
+        # The store's one injectable fault point: called inside the intake's
+        # transaction, after its rows and before COMMIT (tests: a failure
+        # there, or a commit held open).
+        self.before_commit: Callable[[], None] | None = None
 
     async def start(self) -> None:
-        if self._writer is not None:
-            self._writer.start()
-            path = self._writer.path
-            if self._rows_process and path and path != ":memory:":
-                rows = RowsProcess(
-                    path,
-                    busy_timeout_ms=sqlite_rules.SQLITE_BUSY_TIMEOUT_MS,
-                    journal_size_limit=sqlite_rules.WAL_LIMIT_BYTES,
-                    on_lost=self._recover_rows,
-                )
-                try:
-                    await rows.start()
-                except Exception:
-                    log.exception("the SQLite rows process did not start; the writer thread writes")
-                else:
-                    self._rows = rows
+        pass
 
     async def write(self, job: Job[T]) -> T:
         """Run ``job`` in a committed transaction; raise what it raised (nothing kept)."""
         if self._closed:
             raise DatabaseClosed()
-        if self._writer is not None:
-            return await self._writer.run(job)
         async with self.engine.begin() as conn:
             return await conn.run_sync(job)
 
     def submit(self, job: Job[T], done: Done) -> None:
-        """``write`` without a task or a future: ``done(result, error)`` is called on
-        this event loop once the transaction has ended. (The intake's path: on
-        SQLite it hands the job to the writer thread at once, and the writer's
-        one wake-up of the loop per transaction answers every request in it.)"""
+        """``write`` without awaiting: ``done(result, error)`` is called on this
+        event loop once the transaction has ended."""
         if self._closed:
             raise DatabaseClosed()
-        loop = asyncio.get_running_loop()
-        if self._writer is not None:
-            self._writer.submit(job, done, loop)
-            return
-        task = loop.create_task(self.write(job))
+        task = asyncio.get_running_loop().create_task(self.write(job))
         self._submitted.add(task)
         task.add_done_callback(lambda t: self._finish_submitted(t, done))
-
-    def submit_rows(self, rows: Rows, done: Done) -> None:
-        """SQLite only: queue ``rows`` for the writer; ``done(rows.written(), None)``
-        or ``done(None, error)`` is called on this event loop once their
-        transaction has ended."""
-        if self._closed:
-            raise DatabaseClosed()
-        if self._writer is None:
-            raise RuntimeError("submit_rows is for SQLite; use submit()")
-        if self._rows is not None and self._rows.running and rows.check is None:
-            self._rows.submit(rows, done)
-            return
-        self._writer.submit_rows(rows, done, asyncio.get_running_loop())
-
-    def _recover_rows(self, stranded: list[tuple[Rows, Done]]) -> None:
-        """The rows process died with these writes in its hands: each one is
-        committed whole or not at all (one statement). The writer thread
-        answers the committed ones and writes the others, so a client hears
-        neither an error for rows that were kept nor "ok" for rows that were not."""
-        assert self._writer is not None
-        loop = asyncio.get_running_loop()
-        for rows, done in stranded:
-
-            def recover(conn: Connection, rows: Rows = rows) -> Any:
-                raw = conn.connection.driver_connection
-                if not rows.committed(raw):
-                    for statement in rows.setup:  # IF NOT EXISTS; kept as the job commits
-                        raw.execute(statement)
-                    raw.execute(rows.sql, ("[" + ",".join(rows.take()) + "]", *rows.params))
-                return rows.written()
-
-            try:
-                self._writer.submit(recover, done, loop)
-            except DatabaseClosed as exc:
-                done(None, exc)
-
-    async def write_statement(self, sql: str, params: tuple[Any, ...]) -> int:
-        """SQLite only: run one driver statement in a committed transaction; its row count."""
-        if self._closed:
-            raise DatabaseClosed()
-        if self._writer is None:
-            raise RuntimeError("write_statement is for SQLite; use write()")
-        return await self._writer.run_statement(sql, params)
 
     def _finish_submitted(self, task: asyncio.Task[Any], done: Done) -> None:
         self._submitted.discard(task)
@@ -161,22 +114,70 @@ class Database:
         else:
             done(task.result(), None)
 
+    # -- the verbs ----------------------------------------------------------------
+
+    def insert_submissions(
+        self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
+    ) -> None:
+        """Write each submission's document and outbox rows (leased by
+        ``hand_off``, else pending) in one transaction; ``done(Written, None)``
+        once committed, ``done(None, error)`` if nothing was (RowsRefused when a
+        row was refused). A batch is either all with Idempotency-Keys or none."""
+        raise NotImplementedError
+
+    def enqueue(
+        self, conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None
+    ) -> None:
+        """Insert new outbox rows in the caller's transaction, waking workers at
+        commit: pending, or leased by ``hand_off``."""
+        raise NotImplementedError
+
+    def notify(self, conn: Connection) -> None:
+        """Rows became due in the caller's transaction: wake the workers of
+        other processes at its commit (those that cannot be woken poll)."""
+
+    async def claim(
+        self, *, token: str, owner: str, limit: int, now: datetime, expires_at: datetime
+    ) -> Claim:
+        """Lease up to ``limit`` due rows to ``owner`` under ``token`` until
+        ``expires_at``, committed before it returns (see outbox.claim_batch)."""
+        raise NotImplementedError
+
+    async def update_leased(self, statement: Any, values: dict[str, Any]) -> int:
+        """One UPDATE of the rows a lease holds, in a transaction of its own; its row count."""
+        return await self.write(lambda conn: conn.execute(statement, values).rowcount)
+
+    async def mark_delivered(self, statement: Any, values: dict[str, Any]) -> int:
+        """``update_leased`` for the delivered mark, which every event takes."""
+        return await self.update_leased(statement, values)
+
+    @property
+    def history_if_leased(self) -> Any:
+        """The INSERT of history entries for rows a lease still holds."""
+        raise NotImplementedError
+
+    def minute_of(self, column: Any) -> Any:
+        """SQL for the minute a timestamp column falls in (UTC), to group by."""
+        raise NotImplementedError
+
+    def listen(self, wake: asyncio.Event) -> Coroutine[Any, Any, None] | None:
+        """What sets ``wake`` when other processes commit rows (run as a task
+        while the worker runs), or None: the worker's poll finds them."""
+        return None
+
+    # -- health and life ----------------------------------------------------------
+
     @property
     def writer_healthy(self) -> bool:
-        return self._writer is None or self._writer.healthy
+        return True
 
     @property
     def rows_process_lost(self) -> bool:
-        """The SQLite rows process was started and has ended: the writer thread
-        writes the intake's rows now (correct, but slower) until a restart."""
-        return self._rows is not None and not self._rows.running and not self._closed
+        """The SQLite rows process was started and has ended (see SQLite's wing)."""
+        return False
 
     async def close(self) -> None:
         self._closed = True
-        if self._rows is not None:
-            await self._rows.close()
-        if self._writer is not None:
-            await asyncio.to_thread(self._writer.close)
         await self.engine.dispose()
 
     async def __aenter__(self) -> Database:
