@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -32,6 +33,7 @@ from service.keys import INTAKE
 from service.models import documents
 from service.models import outbox as outbox_table
 from tests.conftest import PASSWORD
+from tests.support.wait import until
 
 
 class Gate:
@@ -68,6 +70,21 @@ def submission(user: auth.User, name: str = "doc") -> Submission:
             created_at=datetime.now(UTC),
         ),
     )
+
+
+def batches_given(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each batch the intake gives the database from now on, as it gives it:
+    on SQLite its rows for the writer (submit_rows), on PostgreSQL a job (submit)."""
+    given: list[object] = []
+    for name in ("submit", "submit_rows"):
+        give = getattr(db, name)
+
+        def record(work: object, done: object, give: Any = give) -> None:
+            given.append(work)
+            give(work, done)
+
+        monkeypatch.setattr(db, name, record)
+    return given
 
 
 async def counts(engine: AsyncEngine) -> tuple[int, int]:
@@ -199,6 +216,7 @@ async def test_one_bad_row_fails_alone(
     user: auth.User,
     batch_limit: int,
     batches_in_flight: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     intake = DocumentIntake(db, batch_limit=batch_limit, batches_in_flight=batches_in_flight)
     await intake.start()
@@ -207,14 +225,16 @@ async def test_one_bad_row_fails_alone(
     blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
     await gate.entered.wait()
     intake.hook_mid_transaction = None
+    given = batches_given(db, monkeypatch)
+    transactions = db._writer.transactions if db._writer is not None else 0
     # Queued behind the blocker, these share one commit; one names a user
     # that does not exist (a foreign key violation).
     ghost = auth.User(id=999, username="ghost", is_admin=False)
     subs = [submission(user, f"ok{i}") for i in range(10)]
     subs.insert(4, submission(ghost, "bad"))
     tasks = [asyncio.create_task(intake.submit(s)) for s in subs]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # and flushed to the database, behind the blocker
+    # Every batch given to the database while the blocker holds it.
+    await until(lambda: len(given) == -(-len(subs) // batch_limit))
     gate.release.set()
     await blocker
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,6 +244,16 @@ async def test_one_bad_row_fails_alone(
         Accepted(s.event.id) for i, s in enumerate(subs) if i != 4
     ]
     assert await counts(engine) == (11, 11)
+    if batch_limit >= len(subs):
+        # One batch, bisected: [0-4] fails, [5-10] commits; [0-1] commits,
+        # [2-4] fails; [2] commits, [3-4] fails; [3] commits, [4] fails alone.
+        # The blocker's commit and four (1 + 10 had each row gone alone).
+        assert intake.commits == 1 + 4
+    elif db._writer is not None:
+        # The blocker's transaction, then ONE for the eleven batches: their
+        # merged INSERT failed, and each ran again alone inside it (1 + 11
+        # had each batch gone alone).
+        assert db._writer.transactions == transactions + 2
 
 
 async def test_writer_recovers_after_a_failed_batch(
