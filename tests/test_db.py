@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -135,10 +136,10 @@ class Numbers:
         )
 
 
-async def _submit_rows(db: Database, rows: Numbers) -> object:
-    import asyncio
-
-    future = asyncio.get_running_loop().create_future()
+def _queue_rows(db: Database, rows: Numbers) -> asyncio.Future[object]:
+    """db.submit_rows: the rows are queued for the writer (or sent to the rows
+    process) when this returns; the future has their outcome."""
+    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
 
     def done(result: object, error: BaseException | None) -> None:
         if error is not None:
@@ -147,7 +148,11 @@ async def _submit_rows(db: Database, rows: Numbers) -> object:
             future.set_result(result)
 
     db.submit_rows(rows, done)
-    return await future
+    return future
+
+
+async def _submit_rows(db: Database, rows: Numbers) -> object:
+    return await _queue_rows(db, rows)
 
 
 async def _numbers(db: Database) -> list[int]:
