@@ -216,12 +216,10 @@ async def test_rows_with_other_parameters_are_not_merged(db: Database) -> None:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_a_bad_row_fails_only_its_own_write_among_merged_rows(db: Database) -> None:
-    import asyncio
-
     held, release = await _hold_writer(db)
+    before = db._writer.transactions  # type: ignore[union-attr]
     writes = [Numbers(1, 2), Numbers(3, -1), Numbers(4)]
-    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
-    await asyncio.sleep(0)
+    results = [_queue_rows(db, rows) for rows in writes]
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     outcomes = await asyncio.gather(*results, return_exceptions=True)
@@ -229,6 +227,11 @@ async def test_a_bad_row_fails_only_its_own_write_among_merged_rows(db: Database
     assert isinstance(outcomes[1], sqlite3.IntegrityError)
     assert "CHECK constraint failed" in str(outcomes[1])
     assert await _numbers(db) == [1, 2, 4]
+    # Each write's rows taken for the merged INSERT (on its own, then in a
+    # transaction), then again to run alone in that transaction, the one
+    # after the held job's (1 + 3 had each write gone alone).
+    assert [rows.taken for rows in writes] == [3, 3, 3]
+    assert db._writer.transactions == before + 2  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
