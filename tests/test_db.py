@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from service.db import Database, DatabaseClosed, sqlite_time
+from tests.support.wait import until
 
 
 async def test_a_database_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
@@ -139,6 +142,35 @@ class Numbers:
 def _queue_rows(db: Database, rows: Numbers) -> asyncio.Future[object]:
     """db.submit_rows: the rows are queued for the writer (or sent to the rows
     process) when this returns; the future has their outcome."""
+    future, done = _outcome()
+    db.submit_rows(rows, done)
+    return future
+
+
+def _queue_job(db: Database, job: Callable[[sa.Connection], object]) -> asyncio.Future[object]:
+    """db.submit: the job is queued for the writer when this returns."""
+    future, done = _outcome()
+    db.submit(job, done)
+    return future
+
+
+def _queued_for_writer(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What is queued for the SQLite writer thread from now on, once queued
+    (write_statement queues in a task: nothing else tells when it has)."""
+    writer = db._writer
+    assert writer is not None
+    queued: list[object] = []
+    queue = writer._queue
+
+    def record(item: Any) -> None:
+        queue(item)
+        queued.append(item)
+
+    monkeypatch.setattr(writer, "_queue", record)
+    return queued
+
+
+def _outcome() -> tuple[asyncio.Future[object], Callable[[object, BaseException | None], None]]:
     future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
 
     def done(result: object, error: BaseException | None) -> None:
@@ -147,8 +179,7 @@ def _queue_rows(db: Database, rows: Numbers) -> asyncio.Future[object]:
         else:
             future.set_result(result)
 
-    db.submit_rows(rows, done)
-    return future
+    return future, done
 
 
 async def _submit_rows(db: Database, rows: Numbers) -> object:
@@ -181,13 +212,10 @@ async def _hold_writer(db: Database) -> tuple[object, object]:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_rows_queued_together_are_one_transaction(db: Database) -> None:
-    import asyncio
-
     held, release = await _hold_writer(db)
     before = db._writer.transactions  # type: ignore[union-attr]
     writes = [Numbers(1, 2), Numbers(3), Numbers(4, 5, 6)]
-    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
-    await asyncio.sleep(0)
+    results = [_queue_rows(db, rows) for rows in writes]
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     assert await asyncio.gather(*results) == [(1, 2), (3,), (4, 5, 6)]
@@ -197,13 +225,10 @@ async def test_rows_queued_together_are_one_transaction(db: Database) -> None:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_rows_with_other_parameters_are_not_merged(db: Database) -> None:
-    import asyncio
-
     held, release = await _hold_writer(db)
     before = db._writer.transactions  # type: ignore[union-attr]
     writes = [Numbers(1, tag="a"), Numbers(2, tag="b"), Numbers(3, 4, tag="a")]
-    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
-    await asyncio.sleep(0)
+    results = [_queue_rows(db, rows) for rows in writes]
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     assert await asyncio.gather(*results) == [(1,), (2,), (3, 4)]
@@ -281,17 +306,14 @@ async def test_driver_writes_are_for_sqlite_only(db: Database) -> None:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_a_rows_setup_outlives_a_transaction_that_failed(db: Database) -> None:
-    import asyncio
-
     def ends_the_transaction(conn: sa.Connection) -> None:
         conn.connection.driver_connection.execute("ROLLBACK")  # as a disk error would
 
     held, release = await _hold_writer(db)
     # The first rows share a transaction with the failing job: their setup
     # must not be undone with it.
-    failing = asyncio.create_task(db.write(ends_the_transaction))
-    rows = asyncio.create_task(_submit_rows(db, Numbers(1)))
-    await asyncio.sleep(0)
+    failing = _queue_job(db, ends_the_transaction)
+    rows = _queue_rows(db, Numbers(1))
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     outcomes = await asyncio.gather(failing, rows, return_exceptions=True)
@@ -311,16 +333,17 @@ async def test_nothing_is_answered_inside_a_transaction_left_open(db: Database) 
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_driver_writes_queued_together_commit_one_statement_each(db: Database) -> None:
-    import asyncio
-
+async def test_driver_writes_queued_together_commit_one_statement_each(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await _submit_rows(db, Numbers(0))
     held, release = await _hold_writer(db)
     before = db._writer.transactions  # type: ignore[union-attr]
-    rows = [asyncio.create_task(_submit_rows(db, Numbers(n))) for n in (1, 2)]
+    queued = _queued_for_writer(db, monkeypatch)
+    rows = [_queue_rows(db, Numbers(n)) for n in (1, 2)]
     bad = asyncio.create_task(db.write_statement("UPDATE numbers SET x = -1 WHERE x = 0", ()))
     good = asyncio.create_task(db.write_statement("UPDATE numbers SET x = 10 WHERE x = 0", ()))
-    await asyncio.sleep(0)
+    await until(lambda: len(queued) == 4)  # all behind the held job: one batch
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     assert await asyncio.gather(*rows) == [(1,), (2,)]

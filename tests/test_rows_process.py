@@ -127,9 +127,7 @@ async def test_a_write_it_had_not_committed_when_it_died_is_written_by_the_threa
     assert await _submit_rows(db, Numbers(1)) == (1,)
     pid = _pid(rows)
     os.kill(pid, signal.SIGSTOP)  # it cannot read what it is sent
-    stranded = asyncio.ensure_future(_submit_rows(db, Numbers(2)))
-    await asyncio.sleep(0)
-    assert not stranded.done()
+    stranded = _queue_rows(db, Numbers(2))  # in its pipe when this returns
     before = db._writer.transactions  # type: ignore[union-attr]
     os.kill(pid, signal.SIGKILL)
     assert await stranded == (2,)  # not an error: its rows were written after all
@@ -163,9 +161,8 @@ async def test_close_answers_what_was_sent_before_it_ends(tmp_path: Path) -> Non
     await database.start()
     try:
         pid = _pid(_child(database))
-        sent = [asyncio.ensure_future(_submit_rows(database, Numbers(n))) for n in range(50)]
-        await asyncio.sleep(0)  # all handed to the process, none answered yet
-        assert not any(s.done() for s in sent)
+        # In its pipe, none answered yet (the loop has not come round).
+        sent = [_queue_rows(database, Numbers(n)) for n in range(50)]
         await database.close()
         assert [s.result() for s in sent] == [(n,) for n in range(50)]
         assert not _exists(pid)  # ended, and reaped
