@@ -123,6 +123,8 @@ async def test_each_answer_waits_for_its_commit(
     intake.hook_before_commit = gate
     task = asyncio.create_task(intake.submit(submission(user)))
     await gate.entered.wait()
+    # Not a wait for something: one more turn of the loop, in which an answer
+    # given before COMMIT would complete the task.
     await asyncio.sleep(0)
     assert not task.done()  # both rows written, COMMIT not yet run: no answer
     assert await counts(engine) == (0, 0)  # and another connection sees nothing
@@ -139,8 +141,7 @@ async def test_cancelled_while_queued_writes_nothing(
     first = asyncio.create_task(intake.submit(submission(user, "first")))
     await gate.entered.wait()
     queued = asyncio.create_task(intake.submit(submission(user, "queued")))
-    await asyncio.sleep(0)  # let it reach the queue
-    assert intake.queued == 2  # "first" in its transaction, "queued" waiting
+    await until(lambda: intake.queued == 2)  # "first" in its transaction, "queued" waiting
     queued.cancel()
     gate.release.set()
     await first
@@ -280,8 +281,7 @@ async def test_full_queue_is_overloaded_at_once(
     in_transaction = asyncio.create_task(intake.submit(submission(user)))
     await gate.entered.wait()
     waiting = [asyncio.create_task(intake.submit(submission(user))) for _ in range(2)]
-    await asyncio.sleep(0)
-    assert intake.queued == 3  # one in its transaction, two waiting: the limit
+    await until(lambda: intake.queued == 3)  # one in its transaction, two waiting: the limit
     with pytest.raises(Overloaded):
         await intake.submit(submission(user))
     gate.release.set()
@@ -296,7 +296,7 @@ async def test_close_commits_what_is_queued_then_refuses(
     intake = DocumentIntake(db)
     await intake.start()
     pending = [asyncio.create_task(intake.submit(submission(user))) for _ in range(10)]
-    await asyncio.sleep(0)
+    await until(lambda: intake.queued == 10)
     await intake.close()
     assert all(isinstance(p.result(), Accepted) for p in pending)
     with pytest.raises(IntakeClosed):
