@@ -348,17 +348,30 @@ async def test_requests_that_miss_at_once_share_one_session_query(
 
 
 async def test_a_cancelled_request_does_not_fail_the_shared_session_query(
-    db: Database, user: auth.User
+    db: Database, user: auth.User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry = auth.SessionRegistry(check_seconds=60)
     sid = await registry.open(db, user.id, 3600)
+    reading, go_on = asyncio.Event(), asyncio.Event()
+    reads = []
+    read_row = registry._read_row
+
+    async def held_read(*args: Any) -> Any:
+        reads.append(args)
+        reading.set()
+        await go_on.wait()
+        return await read_row(*args)
+
+    monkeypatch.setattr(registry, "_read_row", held_read)
     first = asyncio.ensure_future(registry.is_valid(db, sid, user.id))
     second = asyncio.ensure_future(registry.is_valid(db, sid, user.id))
-    await asyncio.sleep(0)  # both are waiting on the one query
-    first.cancel()
+    await reading.wait()  # the query runs; both requests wait on it
+    first.cancel()  # while the query runs
+    go_on.set()
     assert await second is True
     with pytest.raises(asyncio.CancelledError):
         await first
+    assert len(reads) == 1  # one query, shared
 
 
 async def test_a_logout_during_a_session_query_wins(

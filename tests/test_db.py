@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -13,6 +16,7 @@ from service.store import open_database
 from service.store.database import Database
 from service.store.errors import DatabaseClosed
 from service.store.sqlite.connection import sqlite_time
+from tests.support.wait import until
 
 
 async def test_a_database_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
@@ -138,10 +142,39 @@ class Numbers:
         )
 
 
-async def _submit_rows(db: Database, rows: Numbers) -> object:
-    import asyncio
+def _queue_rows(db: Database, rows: Numbers) -> asyncio.Future[object]:
+    """db.submit_rows: the rows are queued for the writer (or sent to the rows
+    process) when this returns; the future has their outcome."""
+    future, done = _outcome()
+    db.submit_rows(rows, done)
+    return future
 
-    future = asyncio.get_running_loop().create_future()
+
+def _queue_job(db: Database, job: Callable[[sa.Connection], object]) -> asyncio.Future[object]:
+    """db.submit: the job is queued for the writer when this returns."""
+    future, done = _outcome()
+    db.submit(job, done)
+    return future
+
+
+def _queued_for_writer(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What is queued for the SQLite writer thread from now on, once queued
+    (write_statement queues in a task: nothing else tells when it has)."""
+    writer = db._writer
+    assert writer is not None
+    queued: list[object] = []
+    queue = writer._queue
+
+    def record(item: Any) -> None:
+        queue(item)
+        queued.append(item)
+
+    monkeypatch.setattr(writer, "_queue", record)
+    return queued
+
+
+def _outcome() -> tuple[asyncio.Future[object], Callable[[object, BaseException | None], None]]:
+    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
 
     def done(result: object, error: BaseException | None) -> None:
         if error is not None:
@@ -149,8 +182,11 @@ async def _submit_rows(db: Database, rows: Numbers) -> object:
         else:
             future.set_result(result)
 
-    db.submit_rows(rows, done)
-    return await future
+    return future, done
+
+
+async def _submit_rows(db: Database, rows: Numbers) -> object:
+    return await _queue_rows(db, rows)
 
 
 async def _numbers(db: Database) -> list[int]:
@@ -179,13 +215,10 @@ async def _hold_writer(db: Database) -> tuple[object, object]:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_rows_queued_together_are_one_transaction(db: Database) -> None:
-    import asyncio
-
     held, release = await _hold_writer(db)
     before = db._writer.transactions  # type: ignore[union-attr]
     writes = [Numbers(1, 2), Numbers(3), Numbers(4, 5, 6)]
-    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
-    await asyncio.sleep(0)
+    results = [_queue_rows(db, rows) for rows in writes]
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     assert await asyncio.gather(*results) == [(1, 2), (3,), (4, 5, 6)]
@@ -195,13 +228,10 @@ async def test_rows_queued_together_are_one_transaction(db: Database) -> None:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_rows_with_other_parameters_are_not_merged(db: Database) -> None:
-    import asyncio
-
     held, release = await _hold_writer(db)
     before = db._writer.transactions  # type: ignore[union-attr]
     writes = [Numbers(1, tag="a"), Numbers(2, tag="b"), Numbers(3, 4, tag="a")]
-    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
-    await asyncio.sleep(0)
+    results = [_queue_rows(db, rows) for rows in writes]
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     assert await asyncio.gather(*results) == [(1,), (2,), (3, 4)]
@@ -214,12 +244,10 @@ async def test_rows_with_other_parameters_are_not_merged(db: Database) -> None:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_a_bad_row_fails_only_its_own_write_among_merged_rows(db: Database) -> None:
-    import asyncio
-
     held, release = await _hold_writer(db)
+    before = db._writer.transactions  # type: ignore[union-attr]
     writes = [Numbers(1, 2), Numbers(3, -1), Numbers(4)]
-    results = [asyncio.create_task(_submit_rows(db, rows)) for rows in writes]
-    await asyncio.sleep(0)
+    results = [_queue_rows(db, rows) for rows in writes]
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     outcomes = await asyncio.gather(*results, return_exceptions=True)
@@ -227,6 +255,11 @@ async def test_a_bad_row_fails_only_its_own_write_among_merged_rows(db: Database
     assert isinstance(outcomes[1], sqlite3.IntegrityError)
     assert "CHECK constraint failed" in str(outcomes[1])
     assert await _numbers(db) == [1, 2, 4]
+    # Each write's rows taken for the merged INSERT (on its own, then in a
+    # transaction), then again to run alone in that transaction, the one
+    # after the held job's (1 + 3 had each write gone alone).
+    assert [rows.taken for rows in writes] == [3, 3, 3]
+    assert db._writer.transactions == before + 2  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -279,17 +312,14 @@ def test_the_backend_is_chosen_once_from_the_url(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_a_rows_setup_outlives_a_transaction_that_failed(db: Database) -> None:
-    import asyncio
-
     def ends_the_transaction(conn: sa.Connection) -> None:
         conn.connection.driver_connection.execute("ROLLBACK")  # as a disk error would
 
     held, release = await _hold_writer(db)
     # The first rows share a transaction with the failing job: their setup
     # must not be undone with it.
-    failing = asyncio.create_task(db.write(ends_the_transaction))
-    rows = asyncio.create_task(_submit_rows(db, Numbers(1)))
-    await asyncio.sleep(0)
+    failing = _queue_job(db, ends_the_transaction)
+    rows = _queue_rows(db, Numbers(1))
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     outcomes = await asyncio.gather(failing, rows, return_exceptions=True)
@@ -309,16 +339,17 @@ async def test_nothing_is_answered_inside_a_transaction_left_open(db: Database) 
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_driver_writes_queued_together_commit_one_statement_each(db: Database) -> None:
-    import asyncio
-
+async def test_driver_writes_queued_together_commit_one_statement_each(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await _submit_rows(db, Numbers(0))
     held, release = await _hold_writer(db)
     before = db._writer.transactions  # type: ignore[union-attr]
-    rows = [asyncio.create_task(_submit_rows(db, Numbers(n))) for n in (1, 2)]
+    queued = _queued_for_writer(db, monkeypatch)
+    rows = [_queue_rows(db, Numbers(n)) for n in (1, 2)]
     bad = asyncio.create_task(db.write_statement("UPDATE numbers SET x = -1 WHERE x = 0", ()))
     good = asyncio.create_task(db.write_statement("UPDATE numbers SET x = 10 WHERE x = 0", ()))
-    await asyncio.sleep(0)
+    await until(lambda: len(queued) == 4)  # all behind the held job: one batch
     release.set()  # type: ignore[attr-defined]
     await held  # type: ignore[misc]
     assert await asyncio.gather(*rows) == [(1,), (2,)]

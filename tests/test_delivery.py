@@ -27,6 +27,7 @@ from service.store.database import Database
 from service.store.encoding import RawJSON
 from tests.fakes.inngest import POISON_ERROR, QUEUE_ERROR, QUEUE_TIMEOUT, Fault, StandIn
 from tests.support.net import free_port
+from tests.support.wait import until
 
 
 def make_worker(
@@ -783,7 +784,7 @@ async def test_retention_can_be_turned_off(db: Database, delivery_settings: Sett
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_a_claim_committed_while_stopping_is_released_not_left_leased(
-    db: Database, engine: AsyncEngine, delivery_settings: Settings, http
+    db: Database, engine: AsyncEngine, delivery_settings: Settings, http, monkeypatch
 ) -> None:
     import threading
 
@@ -795,12 +796,22 @@ async def test_a_claim_committed_while_stopping_is_released_not_left_leased(
         writer_busy.set()
         go_on.wait(timeout=10)
 
+    claiming = asyncio.Event()
+    claim_batch = outbox.claim_batch
+
+    async def claim_batch_and_tell(*args: Any, **kwargs: Any) -> outbox.Claim:
+        claiming.set()  # the claim is queued before this task next waits
+        return await claim_batch(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "claim_batch", claim_batch_and_tell)
     blocker = asyncio.create_task(db.write(slow_job))
     await asyncio.to_thread(writer_busy.wait, 10)
     worker = make_worker(db, delivery_settings, http)
     task = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.05)  # run() is now waiting for its claim
+    await claiming.wait()  # run() is now waiting for its claim
     stopping = asyncio.create_task(worker.stop(grace_seconds=1))
+    # One turn of the loop: stop()'s first step, which sets the stop. Not a
+    # wait for time: the claim cannot commit before go_on below.
     await asyncio.sleep(0)
     go_on.set()  # the claim commits after the stop began
     await blocker
@@ -844,8 +855,7 @@ async def test_committed_events_are_handed_to_the_running_worker_without_a_claim
     intake.hand_off_to(worker)
     task = asyncio.create_task(worker.run())
     try:
-        await asyncio.sleep(0)  # the loop starts
-        assert worker.health.running
+        await until(lambda: worker.health.running)  # the loop starts
         accepted = [await intake.submit(new_submission(user)) for _ in range(3)]
         async with asyncio.timeout(5):
             await inngest.received(3)
@@ -1002,6 +1012,8 @@ async def test_handed_off_rows_do_not_spin_the_loop_while_inngest_is_unavailable
     worker.accept(worker.offer(), [new_submission(user).event])  # type: ignore[arg-type]
     worker._outage_failures = 1
     idle = asyncio.create_task(worker._idle())
+    # Not a wait for something: a few turns of the loop, in which an idle
+    # that does not wait would end.
     for _ in range(5):
         await asyncio.sleep(0)
     assert not idle.done()

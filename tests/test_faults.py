@@ -325,7 +325,7 @@ async def test_postgres_crash_under_load_loses_nothing_and_answers_503(
                 http.post(f"{api.url}/auth/login", json=credentials) as response,
             ):
                 await record("/auth/login", response)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the scenario: a client logging in again and again
 
     try:
         async with asyncio.timeout(150):

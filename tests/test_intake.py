@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -33,6 +34,7 @@ from service.models import outbox as outbox_table
 from service.store.database import Database
 from service.store.encoding import RawJSON
 from tests.conftest import PASSWORD
+from tests.support.wait import until
 
 
 class Gate:
@@ -71,6 +73,19 @@ def submission(user: auth.User, name: str = "doc") -> Submission:
     )
 
 
+def batches_given(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each batch the intake gives the database from now on, as it gives it."""
+    given: list[object] = []
+    insert = db.insert_submissions
+
+    def record(batch: Any, hand_off: Any, done: Any) -> None:
+        given.append(batch)
+        insert(batch, hand_off, done)
+
+    monkeypatch.setattr(db, "insert_submissions", record)
+    return given
+
+
 async def counts(engine: AsyncEngine) -> tuple[int, int]:
     async with engine.connect() as conn:
         docs = await conn.scalar(sa.select(sa.func.count()).select_from(documents))
@@ -101,13 +116,14 @@ async def test_concurrent_submissions_share_commits(
 
 
 async def test_each_answer_waits_for_its_commit(
-    db: Database,
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    db: Database, intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     gate = Gate()
     db.before_commit = gate
     task = asyncio.create_task(intake.submit(submission(user)))
     await gate.entered.wait()
+    # Not a wait for something: one more turn of the loop, in which an answer
+    # given before COMMIT would complete the task.
     await asyncio.sleep(0)
     assert not task.done()  # both rows written, COMMIT not yet run: no answer
     assert await counts(engine) == (0, 0)  # and another connection sees nothing
@@ -117,16 +133,14 @@ async def test_each_answer_waits_for_its_commit(
 
 
 async def test_cancelled_while_queued_writes_nothing(
-    db: Database,
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    db: Database, intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     gate = Gate()
     db.before_commit = gate
     first = asyncio.create_task(intake.submit(submission(user, "first")))
     await gate.entered.wait()
     queued = asyncio.create_task(intake.submit(submission(user, "queued")))
-    await asyncio.sleep(0)  # let it reach the queue
-    assert intake.queued == 2  # "first" in its transaction, "queued" waiting
+    await until(lambda: intake.queued == 2)  # "first" in its transaction, "queued" waiting
     queued.cancel()
     gate.release.set()
     await first
@@ -140,8 +154,7 @@ async def test_cancelled_while_queued_writes_nothing(
 
 
 async def test_request_cancelled_mid_transaction_is_written_whole(
-    db: Database,
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    db: Database, intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     gate = Gate()
     db.before_commit = gate
@@ -160,8 +173,7 @@ async def test_request_cancelled_mid_transaction_is_written_whole(
 
 
 async def test_a_failure_mid_transaction_leaves_no_half_rows(
-    db: Database,
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    db: Database, intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     def crash() -> None:  # after both rows, before COMMIT
         raise RuntimeError("the writer died here")
@@ -204,6 +216,7 @@ async def test_one_bad_row_fails_alone(
     user: auth.User,
     batch_limit: int,
     batches_in_flight: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     intake = DocumentIntake(db, batch_limit=batch_limit, batches_in_flight=batches_in_flight)
     await intake.start()
@@ -212,14 +225,17 @@ async def test_one_bad_row_fails_alone(
     blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
     await gate.entered.wait()
     db.before_commit = None
+    given = batches_given(db, monkeypatch)
+    writer = getattr(db, "_writer", None)  # SQLite's
+    transactions = writer.transactions if writer is not None else 0
     # Queued behind the blocker, these share one commit; one names a user
     # that does not exist (a foreign key violation).
     ghost = auth.User(id=999, username="ghost", is_admin=False)
     subs = [submission(user, f"ok{i}") for i in range(10)]
     subs.insert(4, submission(ghost, "bad"))
     tasks = [asyncio.create_task(intake.submit(s)) for s in subs]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # and flushed to the database, behind the blocker
+    # Every batch given to the database while the blocker holds it.
+    await until(lambda: len(given) == -(-len(subs) // batch_limit))
     gate.release.set()
     await blocker
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -229,11 +245,20 @@ async def test_one_bad_row_fails_alone(
         Accepted(s.event.id) for i, s in enumerate(subs) if i != 4
     ]
     assert await counts(engine) == (11, 11)
+    if batch_limit >= len(subs):
+        # One batch, bisected: [0-4] fails, [5-10] commits; [0-1] commits,
+        # [2-4] fails; [2] commits, [3-4] fails; [3] commits, [4] fails alone.
+        # The blocker's commit and four (1 + 10 had each row gone alone).
+        assert intake.commits == 1 + 4
+    elif writer is not None:
+        # The blocker's transaction, then ONE for the eleven batches: their
+        # merged INSERT failed, and each ran again alone inside it (1 + 11
+        # had each batch gone alone).
+        assert writer.transactions == transactions + 2
 
 
 async def test_writer_recovers_after_a_failed_batch(
-    db: Database,
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
+    db: Database, intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:
     def fail_once() -> None:
         db.before_commit = None
@@ -256,8 +281,7 @@ async def test_full_queue_is_overloaded_at_once(
     in_transaction = asyncio.create_task(intake.submit(submission(user)))
     await gate.entered.wait()
     waiting = [asyncio.create_task(intake.submit(submission(user))) for _ in range(2)]
-    await asyncio.sleep(0)
-    assert intake.queued == 3  # one in its transaction, two waiting: the limit
+    await until(lambda: intake.queued == 3)  # one in its transaction, two waiting: the limit
     with pytest.raises(Overloaded):
         await intake.submit(submission(user))
     gate.release.set()
@@ -272,7 +296,7 @@ async def test_close_commits_what_is_queued_then_refuses(
     intake = DocumentIntake(db)
     await intake.start()
     pending = [asyncio.create_task(intake.submit(submission(user))) for _ in range(10)]
-    await asyncio.sleep(0)
+    await until(lambda: intake.queued == 10)
     await intake.close()
     assert all(isinstance(p.result(), Accepted) for p in pending)
     with pytest.raises(IntakeClosed):

@@ -1,4 +1,4 @@
-"""The SQLite rows process (service.rows_process): the intake's hot path."""
+"""The SQLite rows process (service/store/sqlite/rows_process.py): the intake's hot path."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from service.store import open_database
 from service.store.database import Database
 from service.store.sqlite.rows_process import RowsProcess
 
-from .test_db import Numbers, _submit_rows
+from .support.service import poll_until
+from .test_db import Numbers, _queue_rows, _submit_rows
 
 
 @pytest_asyncio.fixture
@@ -35,6 +36,23 @@ def _child(db: Database) -> RowsProcess:
     rows = db._rows
     assert rows is not None and rows.running
     return rows
+
+
+async def _stopped(pid: int) -> None:
+    """SIGSTOP, and wait until the process is stopped: until then it may still
+    read what it is sent, one write at a time."""
+    os.kill(pid, signal.SIGSTOP)
+
+    async def stopped() -> bool:
+        return _state(pid) == "T"
+
+    await poll_until(stopped, wait_seconds=10, interval=0.001)
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (proc(5)): R running, S sleeping, T stopped..."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
 
 
 def _pid(rows: RowsProcess) -> int:
@@ -65,16 +83,22 @@ async def test_a_bad_row_fails_only_its_own_write_among_merged_ones(db: Database
     # Stopped while they are sent, it reads them at once and merges those of
     # one INSERT with the same parameters: the bad row fails that statement,
     # and each write runs again alone.
-    os.kill(_pid(rows), signal.SIGSTOP)
+    await _stopped(_pid(rows))
     writes = [Numbers(1, 2), Numbers(3, -1), Numbers(4, tag="b"), Numbers(5)]
-    sent = [asyncio.ensure_future(_submit_rows(db, w)) for w in writes]
-    await asyncio.sleep(0)  # each task's first step sends its write
+    sent = [_queue_rows(db, w) for w in writes]  # in its pipe when this returns
     os.kill(_pid(rows), signal.SIGCONT)
     outcomes = await asyncio.gather(*sent, return_exceptions=True)
     assert outcomes[0] == (1, 2) and outcomes[2] == (4,) and outcomes[3] == (5,)
     assert isinstance(outcomes[1], sqlite3.IntegrityError)
     assert "CHECK constraint failed" in str(outcomes[1])
     assert await _numbers(db) == [(0, "a"), (1, "a"), (2, "a"), (4, "b"), (5, "a")]
+    # The order the rows were written in: the tag a writes as one group (their
+    # merged INSERT, which failed, then each alone), before the tag b write
+    # sent ahead of the last of them. Written one by one as they came, 5
+    # would follow 4. (The failed INSERT itself leaves no trace to look at.)
+    async with db.engine.connect() as conn:
+        in_order = await conn.scalars(sa.text("SELECT x FROM numbers ORDER BY rowid"))
+        assert list(in_order) == [0, 1, 2, 5, 4]
 
 
 async def test_rows_with_a_test_hook_go_to_the_writer_thread(db: Database) -> None:
@@ -104,9 +128,7 @@ async def test_a_write_it_had_not_committed_when_it_died_is_written_by_the_threa
     assert await _submit_rows(db, Numbers(1)) == (1,)
     pid = _pid(rows)
     os.kill(pid, signal.SIGSTOP)  # it cannot read what it is sent
-    stranded = asyncio.ensure_future(_submit_rows(db, Numbers(2)))
-    await asyncio.sleep(0)
-    assert not stranded.done()
+    stranded = _queue_rows(db, Numbers(2))  # in its pipe when this returns
     before = db._writer.transactions  # type: ignore[union-attr]
     os.kill(pid, signal.SIGKILL)
     assert await stranded == (2,)  # not an error: its rows were written after all
@@ -140,9 +162,8 @@ async def test_close_answers_what_was_sent_before_it_ends(tmp_path: Path) -> Non
     await database.start()
     try:
         pid = _pid(_child(database))
-        sent = [asyncio.ensure_future(_submit_rows(database, Numbers(n))) for n in range(50)]
-        await asyncio.sleep(0)  # all handed to the process, none answered yet
-        assert not any(s.done() for s in sent)
+        # In its pipe, none answered yet (the loop has not come round).
+        sent = [_queue_rows(database, Numbers(n)) for n in range(50)]
         await database.close()
         assert [s.result() for s in sent] == [(n,) for n in range(50)]
         assert not _exists(pid)  # ended, and reaped

@@ -272,7 +272,7 @@ class StandIn:
             return await self._stop(events, ids, len(events), stream_error)
         await self._accept(events)
         if fault is Fault.SLOW:
-            await asyncio.sleep(self.slow_seconds)
+            await asyncio.sleep(self.slow_seconds)  # the fault itself: a slow answer
         body = _encode({"ids": ids or [""], "status": 200})
         if fault is Fault.TRICKLE:
             return await _trickle(request, body)
@@ -531,7 +531,7 @@ async def _trickle(request: web.Request, body: bytes) -> web.StreamResponse:
     response.content_length = len(body)
     await response.prepare(request)
     await response.write(body[: len(body) // 2])
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the fault itself: the network's pause
     await response.write(body[len(body) // 2 :])
     await response.write_eof()
     return response
