@@ -33,8 +33,8 @@ from aiohttp import web
 
 from bench.load import scratch_dir
 from service import auth, migrate, outbox
-from service.app import inngest_client, inngest_session
 from service.config import Settings
+from service.delivery.running import inngest_client, inngest_session
 from service.delivery.worker import DeliveryWorker
 from service.ids import new_event_id
 from service.intake import DocumentIntake, Submission

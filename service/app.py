@@ -6,12 +6,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from . import auth, migrate
 from .config import Settings
-from .delivery.inngest import InngestClient
+from .delivery.running import delivering
 from .delivery.worker import DeliveryWorker
 from .intake import DocumentIntake
 from .keys import (
@@ -126,56 +125,16 @@ async def _intake(app: web.Application) -> AsyncIterator[None]:
     await intake.close()
 
 
-def inngest_session(settings: Settings) -> aiohttp.ClientSession:
-    """One shared client session; per-request timeouts are the InngestClient's."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max(settings.worker_max_in_flight * 2, 8)),
-        timeout=aiohttp.ClientTimeout(total=settings.inngest_timeout_seconds),
-    )
-
-
-def inngest_client(settings: Settings, session: aiohttp.ClientSession) -> InngestClient:
-    return InngestClient(
-        session,
-        base_url=settings.inngest_base_url,
-        event_key=settings.inngest_event_key or "",
-        env=settings.inngest_env,
-        timeout_seconds=settings.inngest_timeout_seconds,
-    )
-
-
 async def _delivery(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    async with inngest_session(settings) as session:
-        worker = DeliveryWorker(
-            app[DATABASE],
-            inngest_client(settings, session),
-            settings,
-            wake=app[WAKE],
-            metrics=app[METRICS],
-        )
+    async with delivering(app[DATABASE], app[SETTINGS], wake=app[WAKE], metrics=app[METRICS]) as (
+        worker,
+        _tasks,
+    ):
         app[WORKER] = worker
         # New events go from their commit straight to this worker, unclaimed.
         app[INTAKE].hand_off_to(worker)
-        task = asyncio.create_task(worker.run(), name="delivery-worker")
-        retention = asyncio.create_task(worker.purge_forever(), name="outbox-retention")
-        listener = listen_for_commits(app[DATABASE], app[WAKE])
         yield
         app[INTAKE].hand_off_to(None)
-        await _cancel(retention)
-        await worker.stop()
-        await _cancel(task)
-        if listener is not None:
-            await _cancel(listener)
-
-
-def listen_for_commits(db: Database, wake: asyncio.Event) -> asyncio.Task[None] | None:
-    """Commits of other processes and hosts wake this worker, where the store
-    can tell (PostgreSQL's NOTIFY); elsewhere the worker's poll finds them."""
-    listening = db.listen(wake)
-    if listening is None:
-        return None
-    return asyncio.create_task(listening, name="outbox-listener")
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

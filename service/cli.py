@@ -12,9 +12,9 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from . import auth, cli_outbox, devprofile, migrate
@@ -22,7 +22,7 @@ from .config import ConfigError, Profile, Settings
 from .logs import configure_logging
 from .operations import InvalidArgument
 from .store import open_database
-from .store.database import create_engine
+from .store.database import Database, create_engine
 from .web.middlewares import RequestIdAccessLogger
 from .web.server import AppRunner as ProblemAppRunner
 
@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.check_production()
         if settings.run_worker:
             settings.check_worker()
-        require_schema_at_head(settings.database_url)
+        migrate.require_schema_at_head(settings.database_url)
     return asyncio.run(_serve(settings))
 
 
@@ -218,40 +218,26 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.profile is Profile.DEV:
         settings = devprofile.dev_worker_settings(settings)
     settings.check_worker()
-    require_schema_at_head(settings.database_url)
+    migrate.require_schema_at_head(settings.database_url)
     return asyncio.run(_work(settings, burst=args.burst, metrics_port=args.metrics_port))
 
 
 async def _work(settings: Settings, *, burst: bool, metrics_port: int | None = None) -> int:
-    from .app import create_worker_status_app, inngest_client, inngest_session, listen_for_commits
-    from .delivery.worker import DeliveryWorker
+    from .app import create_worker_status_app
+    from .delivery.running import delivering
     from .metrics import Metrics
 
     received = _catch_signals()
     db = open_database(settings.database_url)
     await db.start()
     try:
-        async with inngest_session(settings) as session:
-            wake = asyncio.Event()
-            metrics = Metrics()
-            worker = DeliveryWorker(
-                db, inngest_client(settings, session), settings, wake=wake, metrics=metrics
-            )
-            if burst:
-                drain = asyncio.create_task(worker.drain_once())
-                if await _first_of(received, drain) is not None:
-                    log.info("stopping the burst: what was claimed and not sent is released")
-                    await worker.stop()
-                    drain.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await drain
-                    return 1
-                stats = drain.result()
-                print(
-                    f"delivered {stats.delivered}, rescheduled {stats.retried}, "
-                    f"failed {stats.failed}"
-                )
-                return 1 if stats.retried or stats.released else 0
+        if burst:
+            return await _burst(db, settings, received)
+        metrics = Metrics()
+        async with delivering(db, settings, wake=asyncio.Event(), metrics=metrics) as (
+            worker,
+            tasks,
+        ):
             status = None
             if metrics_port is not None:
                 head = await asyncio.to_thread(migrate.head_revision) or ""
@@ -264,23 +250,38 @@ async def _work(settings: Settings, *, burst: bool, metrics_port: int | None = N
             tune_garbage_collector()
             shorten_switch_interval()
             log.info("worker %s delivering to %s", worker.owner, settings.inngest_base_url)
-            task = asyncio.create_task(worker.run())
-            retention = asyncio.create_task(worker.purge_forever())
-            listener = listen_for_commits(db, wake)
-            signum = await _first_of(received, task)
+            ended = asyncio.ensure_future(tasks.ended.wait())
+            try:
+                signum = await _first_of(received, ended)
+            finally:
+                ended.cancel()
             if signum is not None:
                 log.info("received %s: stopping (send it again to exit at once)", signum.name)
-            await worker.stop()
-            for background in (retention, task, listener):
-                if background is not None:
-                    background.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await background
             if status is not None:
                 await status.cleanup()
     finally:
         await db.close()
     return 0
+
+
+async def _burst(db: Database, settings: Settings, received: asyncio.Future[signal.Signals]) -> int:
+    """Deliver what is due now, then exit: 1 if anything is left for later."""
+    from .delivery.running import inngest_client, inngest_session
+    from .delivery.worker import DeliveryWorker
+
+    async with inngest_session(settings) as session:
+        worker = DeliveryWorker(db, inngest_client(settings, session), settings)
+        drain = asyncio.create_task(worker.drain_once())
+        if await _first_of(received, drain) is not None:
+            log.info("stopping the burst: what was claimed and not sent is released")
+            await worker.stop()
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            return 1
+        stats = drain.result()
+        print(f"delivered {stats.delivered}, rescheduled {stats.retried}, failed {stats.failed}")
+        return 1 if stats.retried or stats.released else 0
 
 
 def _catch_signals() -> asyncio.Future[signal.Signals]:
@@ -304,7 +305,7 @@ def _catch_signals() -> asyncio.Future[signal.Signals]:
 
 
 async def _first_of(
-    received: asyncio.Future[signal.Signals], task: asyncio.Task[None] | None = None
+    received: asyncio.Future[signal.Signals], task: asyncio.Future[Any] | None = None
 ) -> signal.Signals | None:
     waiters: set[asyncio.Future[object]] = {received}  # type: ignore[arg-type]
     if task is not None:
@@ -354,31 +355,5 @@ async def _migrate(url: str, revision: str) -> None:
     engine = create_engine(url)
     try:
         await migrate.upgrade(engine, revision)
-    finally:
-        await engine.dispose()
-
-
-def require_schema_at_head(url: str) -> None:
-    """Production serves only a migrated database; it never creates one."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        if not os.path.exists(parsed.database):
-            raise ConfigError(
-                f"the database file {parsed.database} does not exist: "
-                "run `inngest-outbox migrate` first"
-            )
-    current = asyncio.run(_current_revision(url))
-    head = migrate.head_revision()
-    if current != head:
-        raise ConfigError(
-            f"the database schema is at revision {current or 'none'}, not {head}: "
-            "run `inngest-outbox migrate` first"
-        )
-
-
-async def _current_revision(url: str) -> str | None:
-    engine = create_engine(url)
-    try:
-        return await migrate.current_revision(engine)
     finally:
         await engine.dispose()

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from . import operations
+from . import migrate, operations
 from .config import Settings
 from .operations import Filter, InvalidArgument, Selection
 from .store import open_database
@@ -124,9 +124,7 @@ Command = Callable[[argparse.Namespace, Database], Awaitable[int]]
 
 def _sync(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        from .cli import require_schema_at_head  # the CLI's own check, shared
-
-        require_schema_at_head(settings.database_url)
+        migrate.require_schema_at_head(settings.database_url)
 
         async def with_database() -> int:
             async with open_database(settings.database_url) as db:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
+from .config import ConfigError
 from .store.database import create_engine
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -79,3 +82,29 @@ def _run(connection: Connection, action: str, revision: str) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
     getattr(command, action)(config, revision)
+
+
+def require_schema_at_head(url: str) -> None:
+    """Production serves only a migrated database; it never creates one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not os.path.exists(parsed.database):
+            raise ConfigError(
+                f"the database file {parsed.database} does not exist: "
+                "run `inngest-outbox migrate` first"
+            )
+    current = asyncio.run(_current_revision(url))
+    head = head_revision()
+    if current != head:
+        raise ConfigError(
+            f"the database schema is at revision {current or 'none'}, not {head}: "
+            "run `inngest-outbox migrate` first"
+        )
+
+
+async def _current_revision(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        return await current_revision(engine)
+    finally:
+        await engine.dispose()

@@ -16,9 +16,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import auth, outbox
-from service.app import inngest_client
 from service.config import Settings
-from service.delivery.worker import DeliveryWorker, linger_seconds, split_for_request
+from service.delivery.batches import linger_seconds, split_for_request
+from service.delivery.retention import Retention
+from service.delivery.running import inngest_client
+from service.delivery.worker import DeliveryWorker
 from service.ids import new_event_id
 from service.intake import DocumentIntake, Submission
 from service.models import outbox as outbox_table
@@ -765,12 +767,13 @@ async def test_retention_deletes_only_old_delivered_rows_in_small_batches(
     await outbox.mark_delivered(db, recent, claim.token, now=now - timedelta(days=6))
     await outbox.mark_failed(db, failed, claim.token, error="x", status_code=400)
     await outbox.release(db, pending, claim.token)
-    worker = make_worker(db, delivery_settings.replace(retention_batch=10), http)
-    assert await worker.purge_once() == 25
+    retention = Retention(db, delivery_settings.replace(retention_batch=10))
+    assert await retention.purge_once() == 25
     remaining = await states(engine)
     assert set(remaining) == set(recent + failed + pending)
     assert {remaining[i].status for i in failed + pending} == {"failed", "pending"}
-    assert await worker.purge_once() == 0
+    assert await retention.purge_once() == 0
+    assert retention.purged == 25
 
 
 async def test_retention_can_be_turned_off(db: Database, delivery_settings: Settings, http) -> None:
@@ -778,8 +781,8 @@ async def test_retention_can_be_turned_off(db: Database, delivery_settings: Sett
     now = datetime.now(UTC)
     claim = await outbox.claim_batch(db, owner="w", limit=10, lease_seconds=30, now=now)
     await outbox.mark_delivered(db, ids, claim.token, now=now - timedelta(days=365))
-    worker = make_worker(db, delivery_settings.replace(retention_days=0), http)
-    assert await worker.purge_once() == 0
+    retention = Retention(db, delivery_settings.replace(retention_days=0))
+    assert await retention.purge_once() == 0
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -1020,3 +1023,49 @@ async def test_handed_off_rows_do_not_spin_the_loop_while_inngest_is_unavailable
     worker.wake()
     await idle
     worker._running = False
+
+
+# -- what runs beside the worker -------------------------------------------------------
+
+
+async def test_a_crashed_background_task_is_logged_and_shown_in_the_workers_health(
+    db: Database,
+    delivery_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from service.delivery.running import delivering
+    from service.metrics import Metrics
+
+    async def broken(self: Retention) -> None:
+        raise RuntimeError("the retention query failed for good")
+
+    monkeypatch.setattr(Retention, "run", broken)
+    async with delivering(db, delivery_settings, wake=asyncio.Event(), metrics=Metrics()) as (
+        worker,
+        tasks,
+    ):
+        async with asyncio.timeout(5):
+            await tasks.ended.wait()
+        health = worker.health
+    assert (health.running, health.detail) == (False, "outbox-retention crashed: RuntimeError")
+    [record] = [r for r in caplog.records if r.getMessage() == "outbox-retention crashed"]
+    assert record.levelname == "ERROR" and record.exc_info is not None
+
+
+async def test_delivering_runs_the_worker_and_stops_it_at_exit(
+    db: Database, delivery_settings: Settings, inngest: StandIn
+) -> None:
+    from service.delivery.running import delivering
+    from service.metrics import Metrics
+
+    ids = await enqueue(db, 3)
+    wake = asyncio.Event()
+    async with delivering(db, delivery_settings, wake=wake, metrics=Metrics()) as (worker, tasks):
+        wake.set()
+        async with asyncio.timeout(10):
+            await inngest.received(3)
+        assert worker.health.running is True
+    assert sorted(inngest.accepted_ids) == sorted(ids)
+    assert worker.health.running is False
+    assert tasks.ended.is_set()  # the worker's loop returned: stopped, not crashed

@@ -18,7 +18,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +28,7 @@ from ..metrics import Metrics
 from ..outbox import ClaimedEvent
 from ..store.database import Database
 from . import backoff
+from .batches import linger_seconds, split_for_request
 from .inngest import (
     Accepted,
     IngestFailed,
@@ -39,19 +40,13 @@ from .inngest import (
     Transient,
     Unavailable,
 )
+from .status import WorkerHealth, WorkerStats
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 # The longest a bad event key pauses the worker before it tries again.
 KEY_REJECTED_MAX_PAUSE_SECONDS = 60.0
-# A partial batch this large or larger lingers the whole WORKER_LINGER_SECONDS.
-LINGER_FULL_AT = 100
-
-
-def linger_seconds(linger: float, taken: int) -> float:
-    """How long to let rows gather after a partial batch of ``taken`` rows."""
-    return linger * min(taken / LINGER_FULL_AT, 1.0)
 
 
 def utc_now() -> datetime:
@@ -60,29 +55,6 @@ def utc_now() -> datetime:
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    claimed: int = 0
-    delivered: int = 0
-    retried: int = 0
-    failed: int = 0
-    released: int = 0
-    lost_leases: int = 0
-    requests: int = 0
-    purged: int = 0
-    deferred: int = 0  # given back unspent: Inngest was unavailable
-    handed_off: int = 0  # of the claimed: taken straight from this process's commits
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerHealth:
-    running: bool
-    can_send: bool  # False: Inngest refused the event key (a configuration error)
-    detail: str
-    # False while Inngest is unavailable: events wait for it, nothing is spent.
-    inngest_available: bool = True
 
 
 @dataclass(slots=True)
@@ -124,6 +96,7 @@ class DeliveryWorker:
         self._run_exited = asyncio.Event()
         self._can_send = True
         self._health_detail = "no send yet"
+        self._crashed: str | None = None
         self._progress = asyncio.Condition()
         # The hand-off (DocumentIntake.hand_off_to): rows this process's API
         # wrote already leased to this worker, by lease token, oldest first.
@@ -212,9 +185,15 @@ class DeliveryWorker:
 
     @property
     def health(self) -> WorkerHealth:
+        if self._crashed is not None:
+            return WorkerHealth(False, self._can_send, self._crashed, self._outage_failures == 0)
         return WorkerHealth(
             self._running, self._can_send, self._health_detail, self._outage_failures == 0
         )
+
+    def crashed(self, task: str, error: BaseException) -> None:
+        """What runs beside it (running.Delivery's tasks) ended with ``error``."""
+        self._crashed = f"{task} crashed: {type(error).__name__}"
 
     async def run(self) -> None:
         """Claim and deliver until ``stop()``."""
@@ -299,30 +278,6 @@ class DeliveryWorker:
                 for task in late:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
-
-    async def purge_forever(self) -> None:
-        """Retention: every interval, delete delivered rows past RETENTION_DAYS."""
-        while True:
-            try:
-                await self.purge_once()
-            except Exception:
-                log.exception("retention failed; trying again at the next interval")
-            await asyncio.sleep(self._settings.retention_interval_seconds)
-
-    async def purge_once(self) -> int:
-        """Delete, batch by batch, what retention allows now; how many rows."""
-        if self._settings.retention_days <= 0:
-            return 0
-        before = self._clock() - timedelta(days=self._settings.retention_days)
-        total = 0
-        while True:
-            deleted = await outbox.purge_delivered(
-                self._db, before=before, batch=self._settings.retention_batch
-            )
-            total += deleted
-            self.stats.purged += deleted
-            if deleted < self._settings.retention_batch:
-                return total
 
     async def wait_for(self, predicate: Callable[[WorkerStats], bool]) -> WorkerStats:
         """Wait until the stats satisfy ``predicate`` (for tests and benchmarks)."""
@@ -711,27 +666,6 @@ class DeliveryWorker:
     async def _notify(self) -> None:
         async with self._progress:
             self._progress.notify_all()
-
-
-def split_for_request(
-    events: Sequence[ClaimedEvent], *, max_events: int, max_bytes: int
-) -> Iterator[list[ClaimedEvent]]:
-    """Chunks that respect the per-request event count and byte size.
-
-    An event larger than ``max_bytes`` on its own goes alone; Inngest's 413
-    then fails it.
-    """
-    chunk: list[ClaimedEvent] = []
-    size = 2  # the array's brackets
-    for event in events:
-        extra = event.size + (1 if chunk else 0)
-        if chunk and (len(chunk) >= max_events or size + extra > max_bytes):
-            yield chunk
-            chunk, size, extra = [], 2, event.size
-        chunk.append(event)
-        size += extra
-    if chunk:
-        yield chunk
 
 
 async def _first_of(*events: asyncio.Event) -> None:

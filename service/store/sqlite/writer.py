@@ -31,8 +31,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from .. import errors
 from ..encoding import dumps
+from ..errors import DatabaseClosed
 from . import connection as rules
 from .busy import is_busy
 
@@ -229,7 +229,7 @@ class SQLiteWriter:
     def _queue(self, queued: _Queued) -> None:
         with self._queue_lock:
             if self._closed or self._broken is not None or self._thread is None:
-                raise errors.DatabaseClosed()
+                raise DatabaseClosed()
             self._jobs.put(queued)
 
     def close(self) -> None:
@@ -242,7 +242,7 @@ class SQLiteWriter:
                 self._jobs.put(None)
         if self._thread is not None:
             self._thread.join()
-        self._fail_queued(errors.DatabaseClosed())
+        self._fail_queued(DatabaseClosed())
         self._stopped.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
@@ -255,7 +255,7 @@ class SQLiteWriter:
             log.critical("the SQLite writer thread failed; writes are refused", exc_info=exc)
             with self._queue_lock:
                 self._broken = exc
-            self._fail_queued(errors.DatabaseClosed())
+            self._fail_queued(DatabaseClosed())
         finally:
             conn.close()
 
@@ -316,7 +316,7 @@ class SQLiteWriter:
         """The thread is going down: no caller may wait forever."""
         with self._queue_lock:
             self._broken = exc
-        _settle_threadsafe([(queued, None, errors.DatabaseClosed()) for queued in unanswered])
+        _settle_threadsafe([(queued, None, DatabaseClosed()) for queued in unanswered])
 
     def _write_statements(self, raw: sqlite3.Connection, batch: list[_Queued]) -> None:
         """Driver writes only: each statement (all the rows for one INSERT
