@@ -50,6 +50,7 @@ def create_app(settings: Settings) -> web.Application:
     app[LOGIN_THROTTLE] = auth.LoginThrottle(
         max_failures=settings.login_max_failures,
         window_seconds=settings.login_failure_window_seconds,
+        slowdown_max_seconds=settings.login_slowdown_max_seconds,
     )
     app[SETTINGS] = settings
     app[S3_CHECKER] = S3CredentialChecker(

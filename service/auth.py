@@ -356,48 +356,115 @@ class SessionRegistry:
             self._verdicts.popitem(last=False)
 
 
-class LoginThrottle:
-    """At most ``max_failures`` failed logins per key (a username, an address)
-    within a sliding window; past it, logins for that key wait.
+class TooManyLogins(Exception):
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__(retry_after_seconds)
+        self.retry_after_seconds = retry_after_seconds
 
-    The failures are rows in the database, so the limit holds across every
-    process and host that shares it.
+
+@dataclass(frozen=True, slots=True)
+class LoginAttempt:
+    """A login counted as failed from before its password is checked: its rows
+    stay failures unless it succeeds (``LoginThrottle.succeeded``)."""
+
+    pair_key: str
+    row_ids: tuple[int, ...]
+    # How long to wait before checking the password (the username's slowdown).
+    delay_seconds: float
+
+
+class LoginThrottle:
+    """Failed logins counted in a sliding window, in the database (so across every
+    process and host that shares it).
+
+    Past ``max_failures`` for one username from one address, or from one address
+    for any usernames, logins from there are refused (429): those keys belong to
+    whoever sends the attempts. The username alone is never refused, since anyone
+    can send its name: past ``max_failures`` each login for it first waits, twice
+    as long for each further ``max_failures`` failures, up to ``slowdown_max_seconds``.
+
+    An attempt is recorded before its password is checked, in the transaction
+    that counts the earlier ones: concurrent attempts cannot all pass the count.
     """
 
-    def __init__(self, *, max_failures: int, window_seconds: int) -> None:
+    def __init__(
+        self, *, max_failures: int, window_seconds: int, slowdown_max_seconds: float = 10.0
+    ) -> None:
         self.max_failures = max_failures
         self.window = timedelta(seconds=window_seconds)
+        self.slowdown_max_seconds = slowdown_max_seconds
 
-    async def retry_after(self, db: Database, keys: list[str]) -> int | None:
-        """Seconds until a login for these keys may be tried again; None: now."""
+    @staticmethod
+    def keys(username: str, address: str) -> tuple[str, str, str]:
+        """(the pair's, the address's, the username's) key."""
+        name = username.lower()[:64]
+        return f"pair:{name}|{address}"[:128], f"ip:{address}"[:128], f"user:{name}"
+
+    def slowdown(self, failures: int) -> float:
+        """Seconds a login for a username with this many recent failures waits."""
+        steps = failures // self.max_failures
+        if steps == 0:
+            return 0.0
+        return min(self.slowdown_max_seconds, 2.0 ** min(steps - 1, 62))
+
+    async def begin(self, db: Database, username: str, address: str) -> LoginAttempt:
+        """Count an attempt, or raise TooManyLogins if its address may try no more."""
+        pair, by_address, by_name = self.keys(username, address)
         now = datetime.now(UTC)
-        waits = []
-        async with db.engine.connect() as conn:
-            for key in keys:
-                # The failure whose expiry brings the count back under the limit.
-                unblocking = await conn.scalar(
-                    sa.select(login_failures.c.at)
-                    .where(login_failures.c.key == key, login_failures.c.at > now - self.window)
-                    .order_by(login_failures.c.at.desc())
-                    .limit(1)
-                    .offset(self.max_failures - 1)
-                )
-                if unblocking is not None:
-                    if unblocking.tzinfo is None:
-                        unblocking = unblocking.replace(tzinfo=UTC)
-                    waits.append((unblocking + self.window - now).total_seconds())
-        return max(1, math.ceil(max(waits))) if waits else None
+        since = now - self.window
 
-    async def failed(self, db: Database, keys: list[str]) -> None:
-        now = datetime.now(UTC)
+        def reserve(conn: Any) -> LoginAttempt | int:
+            if conn.dialect.name == "postgresql":
+                # SQLite's writers take the database's write lock; PostgreSQL's
+                # take one per key, so that the count and the insert are one step.
+                for key in sorted((pair, by_address)):
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(key))))
+            conn.execute(login_failures.delete().where(login_failures.c.at <= since))
+            waits = [w for key in (pair, by_address) if (w := self._wait(conn, key, now))]
+            if waits:
+                return max(1, math.ceil(max(waits)))
+            failures = conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(login_failures)
+                .where(login_failures.c.key == by_name, login_failures.c.at > since)
+            )
+            ids = conn.execute(
+                login_failures.insert()
+                .values([{"key": key, "at": now} for key in (pair, by_address, by_name)])
+                .returning(login_failures.c.id)
+            ).scalars()
+            return LoginAttempt(pair, tuple(ids), self.slowdown(failures))
 
-        def record(conn: Any) -> None:
-            conn.execute(login_failures.delete().where(login_failures.c.at <= now - self.window))
-            conn.execute(login_failures.insert(), [{"key": key, "at": now} for key in keys])
+        outcome = await db.write(reserve)
+        if isinstance(outcome, int):
+            raise TooManyLogins(outcome)
+        return outcome
 
-        await db.write(record)
-
-    async def succeeded(self, db: Database, key: str) -> None:
-        await db.write(
-            lambda conn: conn.execute(login_failures.delete().where(login_failures.c.key == key))
+    def _wait(self, conn: Any, key: str, now: datetime) -> float | None:
+        """Seconds until ``key`` is under the limit again; None if it is now."""
+        # The failure whose expiry brings the count back under the limit.
+        unblocking = conn.scalar(
+            sa.select(login_failures.c.at)
+            .where(login_failures.c.key == key, login_failures.c.at > now - self.window)
+            .order_by(login_failures.c.at.desc())
+            .limit(1)
+            .offset(self.max_failures - 1)
         )
+        if unblocking is None:
+            return None
+        if unblocking.tzinfo is None:
+            unblocking = unblocking.replace(tzinfo=UTC)
+        return (unblocking + self.window - now).total_seconds()
+
+    async def succeeded(self, db: Database, attempt: LoginAttempt) -> None:
+        """The attempt was no failure, and neither were the earlier ones from the
+        same address for the same name (a mistyped password)."""
+        statement = login_failures.delete().where(
+            login_failures.c.id.in_(attempt.row_ids) | (login_failures.c.key == attempt.pair_key)
+        )
+        await db.write(lambda conn: conn.execute(statement))
+
+    async def abandon(self, db: Database, attempt: LoginAttempt) -> None:
+        """The password was never checked: the attempt counts for nothing."""
+        statement = login_failures.delete().where(login_failures.c.id.in_(attempt.row_ids))
+        await db.write(lambda conn: conn.execute(statement))

@@ -10,6 +10,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ DEFAULT_INNGEST_BASE_URL = "http://127.0.0.1:8288"
 DEFAULT_EVENT_NAME = "app/document.requested"
 KIB = 1024
 _E = TypeVar("_E", bound=enum.StrEnum)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Profile(enum.StrEnum):
@@ -43,8 +45,13 @@ class Settings:
     # How long a process trusts its last look at a session row: a logout on
     # another process takes effect here within this many seconds.
     session_check_seconds: float = 5.0
+    # Failed logins per (username, address) and per address within the window;
+    # past them, 429. Per username alone logins only slow down, up to the cap.
     login_max_failures: int = 10
     login_failure_window_seconds: int = 900
+    login_slowdown_max_seconds: float = 10.0
+    # Peers whose X-Forwarded-For and X-Forwarded-Proto are believed; nobody's by default.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     # Origins (scheme://host[:port]) besides the service's own that may POST.
     allowed_origins: frozenset[str] = frozenset()
     inngest_event_key: str | None = dataclasses.field(default=None, repr=False)
@@ -102,6 +109,8 @@ class Settings:
             session_check_seconds=_float(env, "SESSION_CHECK_SECONDS", 5.0, 0.0),
             login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 10, 1),
             login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 900, 1),
+            login_slowdown_max_seconds=_float(env, "LOGIN_SLOWDOWN_MAX_SECONDS", 10.0, 0.0),
+            trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
             allowed_origins=_origins(env.get("ALLOWED_ORIGINS") or ""),
             inngest_event_key=env.get("INNGEST_EVENT_KEY") or None,
             inngest_base_url=(
@@ -180,6 +189,20 @@ def decode_session_secret(text: str) -> bytes:
 
 def encode_session_secret(key: bytes) -> str:
     return base64.urlsafe_b64encode(key).decode("ascii")
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in (env.get(name) or "").split(","):
+        if not (item := item.strip()):
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name} takes IP addresses or networks (10.0.0.5, 10.0.0.0/24, ::1), not {item!r}."
+            ) from None
+    return tuple(networks)
 
 
 ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}

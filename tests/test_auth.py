@@ -431,27 +431,75 @@ async def test_too_many_failed_logins_from_one_address_are_429(
         "title": "Too many failed logins",
         "status": 429,
         "code": "too_many_logins",
-        "detail": "Too many failed logins for this user or from this address; "
-        f"retry in {retry_after} seconds.",
+        "detail": f"Too many failed logins from this address; retry in {retry_after} seconds.",
         "instance": "/auth/login",
     }
     assert "set-cookie" not in response.headers
 
 
-async def test_the_throttle_counts_per_key_over_a_window(db: Database, engine: AsyncEngine) -> None:
+async def test_concurrent_attempts_are_counted_before_their_passwords_are_checked(
+    db: Database, engine: AsyncEngine
+) -> None:
+    throttle = auth.LoginThrottle(max_failures=10, window_seconds=900)
+    outcomes = await asyncio.gather(
+        *(throttle.begin(db, "alice", "10.0.0.1") for _ in range(40)), return_exceptions=True
+    )
+    assert sum(isinstance(o, auth.LoginAttempt) for o in outcomes) == 10
+    assert sum(isinstance(o, auth.TooManyLogins) for o in outcomes) == 30
+
+
+async def test_the_pair_and_the_address_are_limited_and_the_name_only_slowed(
+    db: Database, engine: AsyncEngine
+) -> None:
+    throttle = auth.LoginThrottle(max_failures=2, window_seconds=900, slowdown_max_seconds=3)
+    for _ in range(2):
+        assert (await throttle.begin(db, "alice", "10.0.0.1")).delay_seconds == 0
+    with pytest.raises(auth.TooManyLogins) as caught:
+        await throttle.begin(db, "alice", "10.0.0.1")  # the pair
+    assert 899 <= caught.value.retry_after_seconds <= 900
+    with pytest.raises(auth.TooManyLogins):
+        await throttle.begin(db, "bob", "10.0.0.1")  # the address, whatever the name
+    # The name from elsewhere: never refused, only slowed, more as failures grow.
+    delays = [(await throttle.begin(db, "Alice", f"10.0.1.{i}")).delay_seconds for i in range(8)]
+    assert delays == [1, 1, 2, 2, 3, 3, 3, 3]
+    assert (await throttle.begin(db, "bob", "10.0.0.2")).delay_seconds == 0
+
+
+def test_the_slowdown_doubles_every_limit_up_to_its_cap() -> None:
+    throttle = auth.LoginThrottle(max_failures=10, window_seconds=900, slowdown_max_seconds=10)
+    assert [throttle.slowdown(n) for n in (0, 9, 10, 19, 20, 30, 40, 50, 10**6)] == [
+        0, 0, 1, 1, 2, 4, 8, 10, 10,
+    ]  # fmt: skip
+
+
+async def test_a_success_forgives_the_pair_only(db: Database, engine: AsyncEngine) -> None:
+    """A mistyped password is forgiven by the right one from the same address; the
+    address and the name keep counting it."""
     throttle = auth.LoginThrottle(max_failures=2, window_seconds=900)
-    alice, here, there = "user:alice", "ip:10.0.0.1", "ip:10.0.0.2"
-    await throttle.failed(db, [alice, here])
-    assert await throttle.retry_after(db, [alice, here]) is None
-    await throttle.failed(db, [alice, here])
-    assert await throttle.retry_after(db, [alice, there]) is not None  # the user is blocked
-    assert await throttle.retry_after(db, ["user:bob", here]) is not None  # so is the address
-    assert await throttle.retry_after(db, ["user:bob", there]) is None
-    await throttle.succeeded(db, alice)  # a good login clears the name, not the address
-    assert await throttle.retry_after(db, [alice, there]) is None
-    assert await throttle.retry_after(db, ["user:bob", here]) is not None
-    # Failures older than the window no longer count.
+    await throttle.begin(db, "alice", "10.0.0.1")
+    await throttle.succeeded(db, await throttle.begin(db, "alice", "10.0.0.1"))
+    async with engine.connect() as conn:
+        keys = (await conn.scalars(sa.select(login_failures.c.key).order_by("key"))).all()
+    assert keys == ["ip:10.0.0.1", "user:alice"]
+
+
+async def test_an_abandoned_attempt_counts_for_nothing(db: Database, engine: AsyncEngine) -> None:
+    throttle = auth.LoginThrottle(max_failures=1, window_seconds=900)
+    await throttle.abandon(db, await throttle.begin(db, "alice", "10.0.0.1"))
+    await throttle.begin(db, "alice", "10.0.0.1")
+    with pytest.raises(auth.TooManyLogins):
+        await throttle.begin(db, "alice", "10.0.0.1")
+
+
+async def test_failures_older_than_the_window_no_longer_count(
+    db: Database, engine: AsyncEngine
+) -> None:
+    throttle = auth.LoginThrottle(max_failures=1, window_seconds=900)
+    await throttle.begin(db, "alice", "10.0.0.1")
+    with pytest.raises(auth.TooManyLogins):
+        await throttle.begin(db, "alice", "10.0.0.1")
     async with engine.begin() as conn:
         an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
         await conn.execute(sa.update(login_failures).values(at=an_hour_ago))
-    assert await throttle.retry_after(db, ["user:bob", here]) is None
+    attempt = await throttle.begin(db, "alice", "10.0.0.1")
+    assert attempt.delay_seconds == 0

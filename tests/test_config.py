@@ -80,6 +80,11 @@ def test_secrets_are_not_in_repr() -> None:
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT must be one of text, json, not 'xml'."),
         ({"LOGIN_MAX_FAILURES": "0"}, "LOGIN_MAX_FAILURES must be at least 1, not 0."),
         (
+            {"TRUSTED_PROXIES": "10.0.0.1, proxy.internal"},
+            "TRUSTED_PROXIES takes IP addresses or networks (10.0.0.5, 10.0.0.0/24, ::1), "
+            "not 'proxy.internal'.",
+        ),
+        (
             {"ALLOWED_ORIGINS": "app.example.com"},
             "ALLOWED_ORIGINS takes origins like https://app.example.com, not 'app.example.com'.",
         ),
@@ -124,3 +129,9 @@ def test_allowed_origins_are_normalised() -> None:
     assert Settings.from_env({}).allowed_origins == frozenset()
     assert Settings.from_env({}).login_max_failures == 10
     assert Settings.from_env({}).login_failure_window_seconds == 900
+
+
+def test_no_proxy_is_trusted_unless_listed() -> None:
+    assert Settings.from_env({}).trusted_proxies == ()
+    listed = Settings.from_env({"TRUSTED_PROXIES": " 10.0.0.5, 10.1.0.0/16 ,::1"}).trusted_proxies
+    assert [str(network) for network in listed] == ["10.0.0.5/32", "10.1.0.0/16", "::1/128"]
