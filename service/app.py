@@ -46,7 +46,9 @@ def create_app(settings: Settings) -> web.Application:
     # Sessions are aiohttp-session's encrypted cookies, read where needed
     # (auth.current_user) rather than by a middleware on every request.
     app[SESSIONS] = auth.session_storage(settings)
-    app[SESSION_REGISTRY] = auth.SessionRegistry(check_seconds=settings.session_check_seconds)
+    app[SESSION_REGISTRY] = auth.SessionRegistry(
+        check_seconds=settings.session_check_seconds, idle_seconds=settings.session_idle_seconds
+    )
     app[LOGIN_THROTTLE] = auth.LoginThrottle(
         max_failures=settings.login_max_failures,
         window_seconds=settings.login_failure_window_seconds,

@@ -266,6 +266,8 @@ def _identity(session: Session) -> Identity | None:
     return sid, User(id=uid, username=str(session.get("name")), is_admin=bool(session.get("admin")))
 
 
+# A session in use has its last_seen_at written at most this often.
+MAX_TOUCH_SECONDS = 60.0
 # A verdict that never expires: this process saw the session's logout.
 _REVOKED = (math.inf, False)
 
@@ -275,11 +277,18 @@ class SessionRegistry:
 
     A process remembers each verdict for ``check_seconds`` so that a request
     costs no query; its own logouts take effect at once, another process's
-    within ``check_seconds``.
+    within ``check_seconds``. A session unused for ``idle_seconds`` is refused:
+    the lookups of a session in use write when it was last seen.
     """
 
-    def __init__(self, *, check_seconds: float, cache_size: int = 10_000) -> None:
+    def __init__(
+        self, *, check_seconds: float, idle_seconds: float = 0, cache_size: int = 10_000
+    ) -> None:
         self._check_seconds = check_seconds
+        self._idle = timedelta(seconds=idle_seconds) if idle_seconds > 0 else None
+        # How stale last_seen_at may get before a lookup writes it again: a
+        # write per session a minute at most, an error on the idle time of as much.
+        self._touch_after = timedelta(seconds=min(MAX_TOUCH_SECONDS, idle_seconds / 4))
         self._cache_size = cache_size
         self._verdicts: OrderedDict[str, tuple[float, bool]] = OrderedDict()
         self._lookups: dict[str, asyncio.Future[bool]] = {}
@@ -297,6 +306,7 @@ class SessionRegistry:
                     user_id=user_id,
                     created_at=now,
                     expires_at=now + timedelta(seconds=max_age_seconds),
+                    last_seen_at=now,
                 )
             )
 
@@ -322,21 +332,33 @@ class SessionRegistry:
 
     async def _look_up(self, db: Database, session_id: str, user_id: int, now: float) -> bool:
         row = await self._read_row(db, session_id)
+        at = datetime.now(UTC)
+        seen_at = None if row is None else row.last_seen_at or row.created_at
         valid = (
             row is not None
             and row.user_id == user_id
             and row.revoked_at is None
-            and row.expires_at > datetime.now(UTC)
+            and row.expires_at > at
+            and (self._idle is None or seen_at > at - self._idle)
         )
         if self._verdicts.get(session_id) == _REVOKED:
             return False  # logged out here while the query ran (it may have read the row before)
+        if valid and self._idle is not None and seen_at <= at - self._touch_after:
+            touch = sessions.update().where(sessions.c.id == session_id).values(last_seen_at=at)
+            await db.write(lambda conn: conn.execute(touch))
         self._remember(session_id, now + self._check_seconds, valid)
         return valid
 
     @staticmethod
     async def _read_row(db: Database, session_id: str) -> Any:
         async with db.engine.connect() as conn:
-            columns = (sessions.c.user_id, sessions.c.expires_at, sessions.c.revoked_at)
+            columns = (
+                sessions.c.user_id,
+                sessions.c.created_at,
+                sessions.c.expires_at,
+                sessions.c.revoked_at,
+                sessions.c.last_seen_at,
+            )
             query = sa.select(*columns).where(sessions.c.id == session_id)
             return (await conn.execute(query)).first()
 

@@ -161,6 +161,8 @@ async def _serve(settings: Settings) -> int:
         await site.start()
         tune_garbage_collector()
         shorten_switch_interval()
+        for warning in settings.security_warnings():
+            log.warning("%s", warning)
         log.info(
             "serving on http://%s:%d (profile %s, worker %s)",
             settings.host,

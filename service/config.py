@@ -40,8 +40,11 @@ class Settings:
     # 32 raw bytes (aiohttp-session's EncryptedCookieStorage key); never logged.
     session_secret: bytes | None = dataclasses.field(default=None, repr=False)
     session_max_age_seconds: int = 7 * 24 * 3600
+    # A session unused for this long is refused (0: only the absolute age counts).
+    session_idle_seconds: int = 8 * 3600
     session_cookie_name: str = "inngest_outbox_session"
-    session_cookie_secure: bool = False
+    # Production's default; from_env makes it False in the dev profile.
+    session_cookie_secure: bool = True
     # How long a process trusts its last look at a session row: a logout on
     # another process takes effect here within this many seconds.
     session_check_seconds: float = 5.0
@@ -100,12 +103,14 @@ class Settings:
         env = os.environ if env is None else env
         chosen = profile or _enum(env, "INNGEST_OUTBOX_PROFILE", Profile, Profile.PRODUCTION)
         secret_text = env.get("SESSION_SECRET") or None
+        production = chosen is Profile.PRODUCTION
         return cls(
             profile=chosen,
             database_url=_database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL),
             session_secret=decode_session_secret(secret_text) if secret_text else None,
             session_max_age_seconds=_int(env, "SESSION_MAX_AGE", 7 * 24 * 3600, 1),
-            session_cookie_secure=_bool(env, "SESSION_COOKIE_SECURE", False),
+            session_idle_seconds=_int(env, "SESSION_IDLE_SECONDS", 8 * 3600, 0),
+            session_cookie_secure=_bool(env, "SESSION_COOKIE_SECURE", production),
             session_check_seconds=_float(env, "SESSION_CHECK_SECONDS", 5.0, 0.0),
             login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 10, 1),
             login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 900, 1),
@@ -162,6 +167,18 @@ class Settings:
             )
         if not self.s3_bucket:
             raise ConfigError("S3_BUCKET is not set; production checks the app's S3 credentials.")
+
+    def security_warnings(self) -> list[str]:
+        """What a production start-up should say about its weaker choices."""
+        if self.profile is not Profile.PRODUCTION:
+            return []
+        warnings = []
+        if not self.session_cookie_secure:
+            warnings.append(
+                "SESSION_COOKIE_SECURE is false: browsers send the session cookie over plain "
+                "HTTP too; serve behind HTTPS and leave it unset"
+            )
+        return warnings
 
     def check_worker(self) -> None:
         if self.profile is Profile.PRODUCTION and not self.inngest_event_key:

@@ -166,6 +166,8 @@ sessions = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
+    # When a process last saw it in use (None: since created_at); for the idle timeout.
+    sa.Column("last_seen_at", UTCDateTime, nullable=True),
 )
 sa.Index("ix_sessions_user_id", sessions.c.user_id)
 sa.Index("ix_sessions_expires_at", sessions.c.expires_at)

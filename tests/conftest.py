@@ -96,6 +96,8 @@ def service_env(tmp_path: Path, moto_s3: MotoS3) -> dict[str, str]:
         INNGEST_EVENT_KEY="test-event-key",
         INNGEST_BASE_URL="http://127.0.0.1:9",  # nothing listens; tests point it elsewhere
         LOG_LEVEL="WARNING",
+        # Plain HTTP on loopback: a client does not send Secure cookies back.
+        SESSION_COOKIE_SECURE="false",
     )
     assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
     added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
@@ -160,6 +162,8 @@ def settings(db_url: str, aws_env: MotoS3) -> Settings:
         profile=Profile.PRODUCTION,
         database_url=db_url,
         session_secret=os.urandom(32),
+        # The tests speak plain HTTP, where a client does not send Secure cookies back.
+        session_cookie_secure=False,
         s3_bucket=aws_env.bucket,
         inngest_event_key="test-event-key",
         # API tests read the rows as the API left them; delivery tests turn it on.

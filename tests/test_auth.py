@@ -20,7 +20,7 @@ from service import auth
 from service.app import create_app
 from service.config import Settings
 from service.db import Database
-from service.models import login_failures, users
+from service.models import login_failures, sessions, users
 from tests.conftest import PASSWORD
 
 PROBLEM = "application/problem+json"
@@ -319,6 +319,46 @@ async def test_a_logout_on_one_process_reaches_the_others(
     assert (await second.get("/auth/me")).status == 200
     assert (await first.post("/auth/logout")).status == 204
     assert (await second.get("/auth/me")).status == 401
+
+
+async def set_last_seen(engine: AsyncEngine, ago: timedelta) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sessions.update().values(last_seen_at=datetime.now(UTC) - ago))
+
+
+async def last_seen_ago(engine: AsyncEngine) -> timedelta:
+    async with engine.connect() as conn:
+        return datetime.now(UTC) - await conn.scalar(sa.select(sessions.c.last_seen_at))
+
+
+async def test_a_session_unused_past_the_idle_timeout_is_refused(
+    alice_on, engine: AsyncEngine
+) -> None:
+    client = await alice_on(session_check_seconds=0, session_idle_seconds=3600)
+    await set_last_seen(engine, timedelta(minutes=59))
+    assert (await client.get("/auth/me")).status == 200
+    await set_last_seen(engine, timedelta(minutes=61))
+    assert (await client.get("/auth/me")).status == 401
+    response = await client.post("/api", json={"documentName": "a"})
+    assert (await response.json(content_type=PROBLEM))["code"] == "unauthenticated"
+
+
+async def test_a_session_in_use_is_kept_alive(alice_on, engine: AsyncEngine) -> None:
+    client = await alice_on(session_check_seconds=0, session_idle_seconds=3600)
+    await set_last_seen(engine, timedelta(minutes=50))
+    assert (await client.get("/auth/me")).status == 200
+    assert await last_seen_ago(engine) < timedelta(seconds=10)  # written again
+    await set_last_seen(engine, timedelta(seconds=30))
+    assert (await client.get("/auth/me")).status == 200
+    assert await last_seen_ago(engine) >= timedelta(seconds=30)  # recent enough: no write
+
+
+async def test_without_an_idle_timeout_only_the_absolute_age_counts(
+    alice_on, engine: AsyncEngine
+) -> None:
+    client = await alice_on(session_check_seconds=0, session_idle_seconds=0)
+    await set_last_seen(engine, timedelta(days=6))
+    assert (await client.get("/auth/me")).status == 200
 
 
 def count_session_reads(db: Database) -> list[str]:

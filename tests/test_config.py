@@ -135,3 +135,19 @@ def test_no_proxy_is_trusted_unless_listed() -> None:
     assert Settings.from_env({}).trusted_proxies == ()
     listed = Settings.from_env({"TRUSTED_PROXIES": " 10.0.0.5, 10.1.0.0/16 ,::1"}).trusted_proxies
     assert [str(network) for network in listed] == ["10.0.0.5/32", "10.1.0.0/16", "::1/128"]
+
+
+def test_production_cookies_are_secure_unless_the_operator_says_otherwise() -> None:
+    assert Settings.from_env({}).session_cookie_secure is True
+    assert Settings.from_env({}, profile=Profile.DEV).session_cookie_secure is False
+    plain = Settings.from_env({"SESSION_COOKIE_SECURE": "false"})
+    assert plain.session_cookie_secure is False
+    assert any("SESSION_COOKIE_SECURE is false" in w for w in plain.security_warnings())
+    assert not any("SESSION_COOKIE_SECURE" in w for w in Settings.from_env({}).security_warnings())
+    assert Settings.from_env({}, profile=Profile.DEV).security_warnings() == []
+
+
+def test_sessions_have_an_idle_timeout() -> None:
+    assert Settings.from_env({}).session_idle_seconds == 8 * 3600
+    assert Settings.from_env({"SESSION_IDLE_SECONDS": "600"}).session_idle_seconds == 600
+    assert Settings.from_env({"SESSION_IDLE_SECONDS": "0"}).session_idle_seconds == 0

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.keys import SETTINGS
-from service.web.forwarded import client_address, request_scheme
+from service.web.forwarded import client_address, parse_origin, request_scheme
 from tests.conftest import PASSWORD
 
 PROBLEM = "application/problem+json"
@@ -80,6 +80,25 @@ async def test_a_trusted_proxy_names_the_scheme(serve_echo) -> None:  # type: ig
     assert (await seen(client, **{"X-Forwarded-Proto": "https"}))["scheme"] == "https"
     assert (await seen(client, **{"X-Forwarded-Proto": "gopher"}))["scheme"] == "http"
     assert (await seen(client))["scheme"] == "http"
+
+
+@pytest.mark.parametrize(
+    ("text", "origin"),
+    [
+        ("https://App.Example", ("https", "app.example", 443)),
+        ("https://app.example:443/", ("https", "app.example", 443)),
+        ("http://app.example", ("http", "app.example", 80)),
+        ("http://127.0.0.1:8080", ("http", "127.0.0.1", 8080)),
+        ("http://[::1]:8080", ("http", "::1", 8080)),
+        ("null", None),
+        ("ftp://app.example", None),
+        ("https://app.example/path", None),
+        ("https://user@app.example", None),
+        ("https://app.example:99999", None),
+    ],
+)
+def test_origins_compare_by_scheme_host_and_port(text: str, origin: object) -> None:
+    assert parse_origin(text) == origin
 
 
 # -- the login limits behind a proxy -------------------------------------------------

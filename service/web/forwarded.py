@@ -8,6 +8,7 @@ peer is the client.
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -15,6 +16,8 @@ from ..config import IPNetwork
 from ..keys import SETTINGS
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# (scheme, host, port): what a browser's Origin names.
+Origin = tuple[str, str, int]
 
 
 def _trusted(address: str | None, proxies: tuple[IPNetwork, ...]) -> bool:
@@ -68,3 +71,24 @@ def request_scheme(request: web.Request) -> str:
         if proto in DEFAULT_PORTS:
             return proto
     return request.scheme
+
+
+def parse_origin(text: str) -> Origin | None:
+    """An Origin header or an ALLOWED_ORIGINS entry as (scheme, host, port); None
+    for what is not one (``null``, a path, another scheme)."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    if parts.query or parts.fragment or parts.username is not None:
+        return None
+    return scheme, parts.hostname.lower(), port if port is not None else DEFAULT_PORTS[scheme]
+
+
+def own_origin(request: web.Request) -> Origin | None:
+    """The origin the client reached: its scheme, and the Host it sent."""
+    return parse_origin(f"{request_scheme(request)}://{request.host}")
