@@ -163,6 +163,12 @@ async def _serve(settings: Settings) -> int:
         shorten_switch_interval()
         for warning in settings.security_warnings():
             log.warning("%s", warning)
+        if settings.metrics_port is not None:
+            log.info(
+                "serving /metrics and /readyz's details on http://%s:%d",
+                settings.host,
+                settings.metrics_port,
+            )
         log.info(
             "serving on http://%s:%d (profile %s, worker %s)",
             settings.host,

@@ -22,6 +22,8 @@ DEFAULT_EVENT_NAME = "app/document.requested"
 KIB = 1024
 _E = TypeVar("_E", bound=enum.StrEnum)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A bearer token shorter than this is guessable.
+MIN_TOKEN_LENGTH = 16
 
 
 class Profile(enum.StrEnum):
@@ -65,6 +67,10 @@ class Settings:
     s3_check_interval_seconds: float = 60.0
     host: str = "127.0.0.1"
     port: int = 8080
+    # /metrics and /readyz's details on a port of their own (on ``host``).
+    metrics_port: int | None = None
+    # Bearer token that /metrics on the service's port requires; never logged.
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
     max_body_bytes: int = 256 * KIB
     max_event_bytes: int = 256 * KIB
     body_timeout_seconds: float = 30.0
@@ -129,6 +135,8 @@ class Settings:
             s3_check_interval_seconds=_float(env, "S3_CHECK_INTERVAL", 60.0, 0.05),
             host=env.get("HOST") or "127.0.0.1",
             port=_int(env, "PORT", 8080, 0, 65535),
+            metrics_port=_int(env, "METRICS_PORT", 0, 1, 65535) or None,
+            metrics_token=_token(env, "METRICS_TOKEN"),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 256 * KIB, 1024),
             max_event_bytes=_int(env, "MAX_EVENT_BYTES", 256 * KIB, 1024),
             body_timeout_seconds=_float(env, "BODY_TIMEOUT_SECONDS", 30.0, 0.01),
@@ -178,6 +186,11 @@ class Settings:
                 "SESSION_COOKIE_SECURE is false: browsers send the session cookie over plain "
                 "HTTP too; serve behind HTTPS and leave it unset"
             )
+        if self.metrics_token is None and self.metrics_port is None:
+            warnings.append(
+                "/metrics is open to anyone who reaches this port; set METRICS_TOKEN or "
+                "METRICS_PORT"
+            )
         return warnings
 
     def check_worker(self) -> None:
@@ -220,6 +233,18 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
                 f"{name} takes IP addresses or networks (10.0.0.5, 10.0.0.0/24, ::1), not {item!r}."
             ) from None
     return tuple(networks)
+
+
+def _token(env: Mapping[str, str], name: str) -> str | None:
+    token = (env.get(name) or "").strip()
+    if not token:
+        return None
+    if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
+        raise ConfigError(
+            f"{name} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters; make one "
+            "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return token
 
 
 ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
