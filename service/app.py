@@ -49,7 +49,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     # Sessions are aiohttp-session's encrypted cookies, read where needed
     # (auth.current_user) rather than by a middleware on every request.
-    app[SESSIONS] = auth.session_storage(settings)
+    app[METRICS] = metrics = Metrics()
+    app[SESSIONS] = auth.session_storage(settings, on_rejected=metrics.cookies_rejected.inc)
     app[SESSION_REGISTRY] = auth.SessionRegistry(
         check_seconds=settings.session_check_seconds, idle_seconds=settings.session_idle_seconds
     )
@@ -66,7 +67,6 @@ def create_app(settings: Settings) -> web.Application:
 
     app[WAKE] = asyncio.Event()
     app[PASSWORDS] = auth.PasswordVerifier()
-    app[METRICS] = Metrics()
     app[READINESS] = RevisionCheck()
 
     # Cleanup runs in reverse order: the engine closes last.

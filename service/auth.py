@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import json
 import math
 import os
 import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +23,7 @@ from aiohttp_session import Session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.exc import IntegrityError
 
 from .config import Settings
@@ -174,10 +178,23 @@ class CachedCookieStorage(EncryptedCookieStorage):
     cache maps a Cookie header, byte for byte, to what decrypting it gave, and
     is filled only by a successful decrypt, so it accepts exactly what the
     storage would accept, until the session's age passes max_age.
+
+    A cookie that does not decrypt (forged, tampered with, of another key, or
+    older than max_age) calls ``on_rejected`` (a metric) where aiohttp-session
+    would log a warning: any client could otherwise write a log line a request.
     """
 
-    def __init__(self, secret_key: bytes, *, cache_size: int = 10_000, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        secret_key: bytes,
+        *,
+        cache_size: int = 10_000,
+        on_rejected: Callable[[], None] = lambda: None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(secret_key, **kwargs)
+        self._cookie_fernet = Fernet(base64.urlsafe_b64encode(secret_key))
+        self._on_rejected = on_rejected
         # Cookie header -> (expires at, session data, the identity it names)
         self._cache: OrderedDict[str, tuple[float, dict[str, Any], Identity | None]] = OrderedDict()
         self._cache_size = cache_size
@@ -199,7 +216,7 @@ class CachedCookieStorage(EncryptedCookieStorage):
                 self._cache.move_to_end(header)
                 return Session(None, data=data, new=False, max_age=self.max_age)
             del self._cache[header]
-        session = await super().load_session(request)
+        session = self._decrypt(request)
         # Short headers only: a client must not fill the cache with 8 KiB keys
         # by varying another cookie.
         if header is not None and not session.new and len(header) <= MAX_CACHED_COOKIE_HEADER:
@@ -213,11 +230,25 @@ class CachedCookieStorage(EncryptedCookieStorage):
                 self._cache.popitem(last=False)
         return session
 
+    def _decrypt(self, request: web.Request) -> Session:
+        """EncryptedCookieStorage.load_session, counting what it would log."""
+        cookie = self.load_cookie(request)
+        if cookie is not None:
+            try:
+                plain = self._cookie_fernet.decrypt(cookie.encode("utf-8"), ttl=self.max_age)
+                return Session(None, data=json.loads(plain), new=False, max_age=self.max_age)
+            except InvalidToken:
+                self._on_rejected()
+        return Session(None, data=None, new=True, max_age=self.max_age)
 
-def session_storage(settings: Settings) -> CachedCookieStorage:
+
+def session_storage(
+    settings: Settings, *, on_rejected: Callable[[], None] = lambda: None
+) -> CachedCookieStorage:
     assert settings.session_secret is not None, "checked by Settings.check_production / dev"
     return CachedCookieStorage(
         settings.session_secret,
+        on_rejected=on_rejected,
         cookie_name=settings.session_cookie_name,
         max_age=settings.session_max_age_seconds,
         httponly=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -203,6 +204,24 @@ class TestCookiesThatAreNotAccepted:
         )
         client.session.cookie_jar.update_cookies({COOKIE: stale})
         assert (await client.get("/auth/me")).status == 401  # ...and age alone refuses it
+
+
+async def test_cookies_that_do_not_decrypt_are_counted_not_logged(
+    client: TestClient, user: auth.User, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.support.service import OPERATOR
+    from tests.test_admin import metric
+
+    rejected = "inngest_outbox_session_cookies_rejected_total"
+    caplog.set_level(logging.DEBUG)
+    for value in ("not-a-fernet-token", forge_cookie(b"\x01" * 32, {"uid": user.id}), "é"):
+        client.session.cookie_jar.update_cookies({COOKIE: value})
+        assert (await client.get("/auth/me")).status == 401
+        assert (await client.post("/api", json={"documentName": "a"})).status == 401
+    text = await (await client.get("/metrics", headers=OPERATOR)).text()
+    assert metric(text, rejected) == 6
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not any("decrypt" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.real_password_hashing
