@@ -51,6 +51,10 @@ class UserExists(Exception):
     pass
 
 
+class UnknownUser(Exception):
+    pass
+
+
 class InvalidUserInput(ValueError):
     pass
 
@@ -110,6 +114,66 @@ async def create_user(
     return User(id=user_id, username=username, is_admin=is_admin)
 
 
+def _user_id(conn: Any, username: str) -> int:
+    user_id = conn.scalar(sa.select(users.c.id).where(users.c.username == username))
+    if user_id is None:
+        raise UnknownUser(username)
+    return int(user_id)
+
+
+def _revoke_sessions(conn: Any, user_id: int, now: datetime) -> int:
+    """Every open session of the user; each process refuses them from its next
+    look at the row (within SESSION_CHECK_SECONDS)."""
+    return conn.execute(
+        sessions.update()
+        .where(sessions.c.user_id == user_id, sessions.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    ).rowcount
+
+
+async def revoke_sessions(db: Database, username: str) -> int:
+    """Log the user out everywhere; how many sessions were open."""
+    now = datetime.now(UTC)
+    return await db.write(lambda conn: _revoke_sessions(conn, _user_id(conn, username), now))
+
+
+async def set_password(db: Database, username: str, password: str) -> int:
+    """A new password, and the user's sessions revoked (a password changed because
+    one leaked must not leave a thief logged in); how many sessions were open."""
+    validate_password(password)
+    password_hash = await hash_password(password)
+    now = datetime.now(UTC)
+
+    def change(conn: Any) -> int:
+        user_id = _user_id(conn, username)
+        conn.execute(
+            users.update().where(users.c.id == user_id).values(password_hash=password_hash)
+        )
+        return _revoke_sessions(conn, user_id, now)
+
+    return await db.write(change)
+
+
+async def set_disabled(db: Database, username: str, disabled: bool) -> int:
+    """Disable (and revoke the sessions of) or enable a user; how many sessions
+    were revoked."""
+    now = datetime.now(UTC)
+
+    def change(conn: Any) -> int:
+        user_id = _user_id(conn, username)
+        if not disabled:
+            conn.execute(users.update().where(users.c.id == user_id).values(disabled_at=None))
+            return 0
+        conn.execute(
+            users.update()
+            .where(users.c.id == user_id, users.c.disabled_at.is_(None))
+            .values(disabled_at=now)
+        )
+        return _revoke_sessions(conn, user_id, now)
+
+    return await db.write(change)
+
+
 class VerifierBusy(Exception):
     """Too many logins are waiting for a password check."""
 
@@ -146,13 +210,17 @@ class PasswordVerifier:
             row = (
                 await conn.execute(
                     sa.select(
-                        users.c.id, users.c.username, users.c.password_hash, users.c.is_admin
+                        users.c.id,
+                        users.c.username,
+                        users.c.password_hash,
+                        users.c.is_admin,
+                        users.c.disabled_at,
                     ).where(users.c.username == username)
                 )
             ).first()
         stored = row.password_hash if row is not None else _dummy_hash()
-        if not await self.verify(stored, password) or row is None:
-            return None
+        if not await self.verify(stored, password) or row is None or row.disabled_at is not None:
+            return None  # a disabled user's right password fails as a wrong one: no hint
         if _hasher().check_needs_rehash(stored):
             rehash = (
                 users.update()
@@ -369,6 +437,7 @@ class SessionRegistry:
             row is not None
             and row.user_id == user_id
             and row.revoked_at is None
+            and row.disabled_at is None
             and row.expires_at > at
             and (self._idle is None or seen_at > at - self._idle)
         )
@@ -389,8 +458,15 @@ class SessionRegistry:
                 sessions.c.expires_at,
                 sessions.c.revoked_at,
                 sessions.c.last_seen_at,
+                users.c.disabled_at,
             )
-            query = sa.select(*columns).where(sessions.c.id == session_id)
+            # The user's flag too: a login that passed its check as the user was
+            # being disabled may open a session after the disable revoked the rest.
+            query = (
+                sa.select(*columns)
+                .join_from(sessions, users, sessions.c.user_id == users.c.id)
+                .where(sessions.c.id == session_id)
+            )
             return (await conn.execute(query)).first()
 
     async def revoke(self, db: Database, session_id: str) -> None:

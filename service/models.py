@@ -58,6 +58,8 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(255), nullable=False),
     sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Set by an operator: no login, no session (see auth.set_disabled).
+    sa.Column("disabled_at", UTCDateTime, nullable=True),
 )
 
 documents = sa.Table(

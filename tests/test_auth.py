@@ -153,11 +153,37 @@ async def test_login_needs_json(client: TestClient) -> None:
 
 async def test_logout_clears_the_session(client: TestClient, user: auth.User) -> None:
     await login(client)
-    response = await client.post("/auth/logout")
+    response = await client.post("/auth/logout", json={})
     assert response.status == 204
     assert response.cookies[COOKIE].value == ""
     assert (await client.get("/auth/me")).status == 401
     assert (await client.post("/api", json={"documentName": "a"})).status == 401
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status", "code"),
+    [
+        ({}, 415, "unsupported_media_type"),
+        (
+            {"data": "logout", "headers": {"Content-Type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        ({"data": "", "headers": {"Content-Type": "application/json"}}, 400, "malformed_json"),
+        ({"json": []}, 400, "invalid_body"),
+        ({"json": {}, "headers": {"Origin": "https://evil.example"}}, 403, "origin_not_allowed"),
+        ({"json": {"x": "y" * 2000}}, 413, "payload_too_large"),
+    ],
+)
+async def test_logout_follows_the_rules_of_every_state_changing_route(
+    client: TestClient, user: auth.User, request_args: dict[str, Any], status: int, code: str
+) -> None:
+    await login(client)
+    response = await client.post("/auth/logout", **request_args)
+    assert response.status == status
+    assert (await response.json(content_type=PROBLEM))["code"] == code
+    assert "set-cookie" not in response.headers
+    assert (await client.get("/auth/me")).status == 200  # still logged in
 
 
 async def test_login_replaces_a_planted_session(
@@ -315,7 +341,7 @@ async def test_a_cookie_copied_before_logout_is_refused_after_it(
 ) -> None:
     response = await login(client)
     copied = response.cookies[COOKIE].value
-    assert (await client.post("/auth/logout")).status == 204
+    assert (await client.post("/auth/logout", json={})).status == 204
     replay = client  # the same server, the cookie put back as an attacker would
     replay.session.cookie_jar.update_cookies({COOKIE: copied})
     assert (await replay.get("/auth/me")).status == 401
@@ -336,7 +362,7 @@ async def test_a_logout_on_one_process_reaches_the_others(
     cookie = (await login(first)).cookies[COOKIE].value
     second.session.cookie_jar.update_cookies({COOKIE: cookie})
     assert (await second.get("/auth/me")).status == 200
-    assert (await first.post("/auth/logout")).status == 204
+    assert (await first.post("/auth/logout", json={})).status == 204
     assert (await second.get("/auth/me")).status == 401
 
 
@@ -458,6 +484,28 @@ async def test_a_cookie_without_a_session_row_is_refused(
             {COOKIE: forge_cookie(settings.session_secret, session)}
         )
         assert (await client.get("/auth/me")).status == 401
+
+
+async def test_a_disabled_users_sessions_are_refused(db: Database, user: auth.User) -> None:
+    """Even one opened after the disable (a login that passed its check meanwhile)."""
+    registry = auth.SessionRegistry(check_seconds=0)
+    before = await registry.open(db, user.id, 3600)
+    assert await auth.set_disabled(db, "alice", True) == 1
+    after = await registry.open(db, user.id, 3600)
+    assert await registry.is_valid(db, before, user.id) is False
+    assert await registry.is_valid(db, after, user.id) is False
+    assert await auth.set_disabled(db, "alice", False) == 0
+    assert await registry.is_valid(db, after, user.id) is True  # never revoked
+    assert await registry.is_valid(db, before, user.id) is False  # revoked for good
+
+
+async def test_a_disabled_user_cannot_log_in(
+    client: TestClient, db: Database, user: auth.User
+) -> None:
+    await auth.set_disabled(db, "alice", True)
+    response = await login(client)
+    assert response.status == 401
+    assert (await response.json(content_type=PROBLEM))["code"] == "invalid_credentials"
 
 
 async def test_a_session_names_its_own_user_only(

@@ -331,7 +331,8 @@ if (login) login.addEventListener("submit", async (event) => {
 });
 const logout = $("#logout");
 if (logout) logout.addEventListener("click", async () => {
-  await fetch("/auth/logout", {method: "POST", credentials: "same-origin"});
+  try { await post("/auth/logout", {}); }
+  catch (error) { say("Logout failed: " + error.message); return; }
   location.reload();
 });
 async function replay(ids) {

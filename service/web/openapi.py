@@ -228,7 +228,18 @@ SPEC: dict[str, Any] = {
         "/auth/logout": {
             "post": {
                 "summary": "Log out: revokes the session",
-                "responses": {"204": {"description": "Logged out"}, "403": _CROSS_SITE},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "204": {"description": "Logged out"},
+                    "400": _BAD_BODY,
+                    "403": _CROSS_SITE,
+                    "408": _SLOW_BODY,
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                },
             }
         },
         "/auth/me": {

@@ -13,6 +13,7 @@ from .forwarded import client_address
 from .problems import Problem, invalid_field, unauthenticated
 
 MAX_LOGIN_BODY_BYTES = 8 * 1024
+MAX_LOGOUT_BODY_BYTES = 1024
 
 
 async def login(request: web.Request) -> web.Response:
@@ -76,7 +77,12 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    """Revokes the session server-side: a copy of the cookie is refused from now on."""
+    """Revokes the session server-side: a copy of the cookie is refused from now on.
+
+    Its body is a JSON object (``{}``), as for every route that changes state: a
+    page of another site cannot send one without the browser asking first.
+    """
+    await read_json_object(request, MAX_LOGOUT_BODY_BYTES)
     found = await auth.session_of(request.app[SESSIONS], request)
     if found is not None:
         await request.app[SESSION_REGISTRY].revoke(request.app[DATABASE], found[0])
