@@ -125,16 +125,11 @@ async def test_disable_refuses_logins_and_sessions_until_enable(
         service.stop()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [("passwd",), ("disable",), ("enable",), ("sessions", "revoke")],
-)
-async def test_an_unknown_user_is_an_error(
-    tmp_path: Path, env: dict[str, str], command: tuple[str, ...]
-) -> None:
-    result = await cli(env, tmp_path, "users", *command, "bob", input=NEW_PASSWORD + "\n")
-    assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == "inngest-outbox: no user 'bob'\n"
+async def test_an_unknown_user_is_an_error(tmp_path: Path, env: dict[str, str]) -> None:
+    for command in (("passwd",), ("disable",), ("enable",), ("sessions", "revoke")):
+        result = await cli(env, tmp_path, "users", *command, "bob", input=NEW_PASSWORD + "\n")
+        assert (result.returncode, result.stdout) == (1, ""), command
+        assert result.stderr == "inngest-outbox: no user 'bob'\n"
 
 
 async def test_passwd_refuses_a_short_password(tmp_path: Path, env: dict[str, str]) -> None:
