@@ -19,11 +19,13 @@ from .keys import (
     LOGIN_THROTTLE,
     METRICS,
     PASSWORDS,
+    READINESS,
     S3_CHECKER,
     SCHEMA_HEAD,
     SESSION_REGISTRY,
     SESSIONS,
     SETTINGS,
+    STATUS_PORT,
     WAKE,
     WORKER,
 )
@@ -33,6 +35,8 @@ from .store import open_database
 from .store.database import Database
 from .web import admin, documents, events, health, openapi, sessions
 from .web.middlewares import request_middleware
+from .web.readiness import RevisionCheck
+from .web.server import AppRunner as ProblemAppRunner
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -44,11 +48,15 @@ def create_app(settings: Settings) -> web.Application:
     )
     # Sessions are aiohttp-session's encrypted cookies, read where needed
     # (auth.current_user) rather than by a middleware on every request.
-    app[SESSIONS] = auth.session_storage(settings)
-    app[SESSION_REGISTRY] = auth.SessionRegistry(check_seconds=settings.session_check_seconds)
+    app[METRICS] = metrics = Metrics()
+    app[SESSIONS] = auth.session_storage(settings, on_rejected=metrics.cookies_rejected.inc)
+    app[SESSION_REGISTRY] = auth.SessionRegistry(
+        check_seconds=settings.session_check_seconds, idle_seconds=settings.session_idle_seconds
+    )
     app[LOGIN_THROTTLE] = auth.LoginThrottle(
         max_failures=settings.login_max_failures,
         window_seconds=settings.login_failure_window_seconds,
+        slowdown_max_seconds=settings.login_slowdown_max_seconds,
     )
     app[SETTINGS] = settings
     app[S3_CHECKER] = S3CredentialChecker(
@@ -58,7 +66,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app[WAKE] = asyncio.Event()
     app[PASSWORDS] = auth.PasswordVerifier()
-    app[METRICS] = Metrics()
+    app[READINESS] = RevisionCheck()
 
     # Cleanup runs in reverse order: the engine closes last.
     app.cleanup_ctx.append(_database)
@@ -66,6 +74,8 @@ def create_app(settings: Settings) -> web.Application:
     if settings.run_worker:
         app.cleanup_ctx.append(_delivery)
     app.cleanup_ctx.append(_s3_checks)
+    if settings.metrics_port is not None:
+        app.cleanup_ctx.append(_metrics_port)
 
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
@@ -88,11 +98,29 @@ def create_worker_status_app(
     db: Database, worker: DeliveryWorker, metrics: Metrics, schema_head: str
 ) -> web.Application:
     """/healthz, /readyz and /metrics of a worker-only process (`worker --metrics-port`)."""
+    return create_status_app(db, metrics, schema_head, RevisionCheck(), worker=worker)
+
+
+def create_status_app(
+    db: Database,
+    metrics: Metrics,
+    schema_head: str,
+    readiness: RevisionCheck,
+    *,
+    worker: DeliveryWorker | None = None,
+    s3: S3CredentialChecker | None = None,
+) -> web.Application:
+    """/healthz, /readyz with its details, and /metrics, for a port of their own."""
     app = web.Application(middlewares=[request_middleware])
     app[DATABASE] = db
-    app[WORKER] = worker
     app[METRICS] = metrics
     app[SCHEMA_HEAD] = schema_head
+    app[READINESS] = readiness
+    app[STATUS_PORT] = True
+    if worker is not None:
+        app[WORKER] = worker
+    if s3 is not None:
+        app[S3_CHECKER] = s3
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
@@ -149,3 +177,25 @@ async def _s3_checks(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(checker.run(), name="s3-credential-check")
     yield
     await _cancel(task)
+
+
+async def _metrics_port(app: web.Application) -> AsyncIterator[None]:
+    """METRICS_PORT: /metrics and /readyz's details beside the API, on a port the
+    operator keeps from the public."""
+    settings = app[SETTINGS]
+    assert settings.metrics_port is not None
+    status = create_status_app(
+        app[DATABASE],
+        app[METRICS],
+        app[SCHEMA_HEAD],
+        app[READINESS],
+        worker=app.get(WORKER),
+        s3=app[S3_CHECKER],
+    )
+    runner = ProblemAppRunner(status, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.metrics_port).start()
+        yield
+    finally:
+        await runner.cleanup()

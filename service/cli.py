@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -110,6 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("username")
     add.add_argument("--admin", action="store_true", help="make the user an administrator")
     add.set_defaults(func=cmd_users_add)
+    passwd = user_commands.add_parser(
+        "passwd",
+        help="set a user's password (read as for add) and end the user's sessions",
+    )
+    passwd.add_argument("username")
+    passwd.set_defaults(func=cmd_users_passwd)
+    disable = user_commands.add_parser(
+        "disable", help="refuse the user's logins and end the user's sessions"
+    )
+    disable.add_argument("username")
+    disable.set_defaults(func=cmd_users_disable, disabled=True)
+    enable = user_commands.add_parser("enable", help="let a disabled user log in again")
+    enable.add_argument("username")
+    enable.set_defaults(func=cmd_users_disable, disabled=False)
+    user_sessions = user_commands.add_parser("sessions", help="a user's sessions")
+    session_commands = user_sessions.add_subparsers(
+        dest="sessions_command", required=True, metavar="ACTION"
+    )
+    revoke = session_commands.add_parser(
+        "revoke",
+        help="log the user out everywhere: every process refuses the sessions within "
+        "SESSION_CHECK_SECONDS",
+    )
+    revoke.add_argument("username")
+    revoke.set_defaults(func=cmd_users_sessions_revoke)
 
     cli_outbox.add_commands(commands)
     return parser
@@ -162,6 +187,14 @@ async def _serve(settings: Settings) -> int:
         await site.start()
         tune_garbage_collector()
         shorten_switch_interval()
+        for warning in settings.security_warnings():
+            log.warning("%s", warning)
+        if settings.metrics_port is not None:
+            log.info(
+                "serving /metrics and /readyz's details on http://%s:%d",
+                settings.host,
+                settings.metrics_port,
+            )
         log.info(
             "serving on http://%s:%d (profile %s, worker %s)",
             settings.host,
@@ -335,6 +368,65 @@ def cmd_users_add(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(f"created user {user.username!r} (id {user.id}{', admin' if user.is_admin else ''})")
     return 0
+
+
+def cmd_users_passwd(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        password = _read_password()
+        auth.validate_password(password)
+    except auth.InvalidUserInput as exc:
+        print(f"inngest-outbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ended = _on_user(
+        settings, args.username, lambda db: auth.set_password(db, args.username, password)
+    )
+    if ended is None:
+        return 1
+    print(f"changed the password of {args.username!r}; {_sessions(ended)} ended")
+    return 0
+
+
+def cmd_users_disable(args: argparse.Namespace, settings: Settings) -> int:
+    name = args.username
+    ended = _on_user(settings, name, lambda db: auth.set_disabled(db, name, args.disabled))
+    if ended is None:
+        return 1
+    if args.disabled:
+        print(f"disabled {name!r}; {_sessions(ended)} ended")
+    else:
+        print(f"enabled {name!r}")
+    return 0
+
+
+def cmd_users_sessions_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    ended = _on_user(settings, args.username, lambda db: auth.revoke_sessions(db, args.username))
+    if ended is None:
+        return 1
+    print(
+        f"revoked {_sessions(ended)} of {args.username!r}; every process refuses them within "
+        f"SESSION_CHECK_SECONDS ({settings.session_check_seconds:g} s)"
+    )
+    return 0
+
+
+def _sessions(count: int) -> str:
+    return f"{count} session{'' if count == 1 else 's'}"
+
+
+def _on_user(
+    settings: Settings, username: str, change: Callable[[Database], Awaitable[int]]
+) -> int | None:
+    """``change`` on the database; None (said on stderr) when there is no such user."""
+
+    async def run() -> int:
+        async with Database(settings.database_url) as db:
+            return await change(db)
+
+    try:
+        return asyncio.run(run())
+    except auth.UnknownUser:
+        print(f"inngest-outbox: no user {username!r}", file=sys.stderr)
+        return None
 
 
 def _read_password() -> str:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ DEFAULT_INNGEST_BASE_URL = "http://127.0.0.1:8288"
 DEFAULT_EVENT_NAME = "app/document.requested"
 KIB = 1024
 _E = TypeVar("_E", bound=enum.StrEnum)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A bearer token shorter than this is guessable.
+MIN_TOKEN_LENGTH = 16
 
 
 class Profile(enum.StrEnum):
@@ -38,13 +42,21 @@ class Settings:
     # 32 raw bytes (aiohttp-session's EncryptedCookieStorage key); never logged.
     session_secret: bytes | None = dataclasses.field(default=None, repr=False)
     session_max_age_seconds: int = 7 * 24 * 3600
+    # A session unused for this long is refused (0: only the absolute age counts).
+    session_idle_seconds: int = 8 * 3600
     session_cookie_name: str = "inngest_outbox_session"
-    session_cookie_secure: bool = False
+    # Production's default; from_env makes it False in the dev profile.
+    session_cookie_secure: bool = True
     # How long a process trusts its last look at a session row: a logout on
     # another process takes effect here within this many seconds.
     session_check_seconds: float = 5.0
+    # Failed logins per (username, address) and per address within the window;
+    # past them, 429. Per username alone logins only slow down, up to the cap.
     login_max_failures: int = 10
     login_failure_window_seconds: int = 900
+    login_slowdown_max_seconds: float = 10.0
+    # Peers whose X-Forwarded-For and X-Forwarded-Proto are believed; nobody's by default.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     # Origins (scheme://host[:port]) besides the service's own that may POST.
     allowed_origins: frozenset[str] = frozenset()
     inngest_event_key: str | None = dataclasses.field(default=None, repr=False)
@@ -55,6 +67,10 @@ class Settings:
     s3_check_interval_seconds: float = 60.0
     host: str = "127.0.0.1"
     port: int = 8080
+    # /metrics and /readyz's details on a port of their own (on ``host``).
+    metrics_port: int | None = None
+    # Bearer token that /metrics on the service's port requires; never logged.
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
     max_body_bytes: int = 256 * KIB
     max_event_bytes: int = 256 * KIB
     body_timeout_seconds: float = 30.0
@@ -93,15 +109,19 @@ class Settings:
         env = os.environ if env is None else env
         chosen = profile or _enum(env, "INNGEST_OUTBOX_PROFILE", Profile, Profile.PRODUCTION)
         secret_text = env.get("SESSION_SECRET") or None
+        production = chosen is Profile.PRODUCTION
         return cls(
             profile=chosen,
             database_url=_database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL),
             session_secret=decode_session_secret(secret_text) if secret_text else None,
             session_max_age_seconds=_int(env, "SESSION_MAX_AGE", 7 * 24 * 3600, 1),
-            session_cookie_secure=_bool(env, "SESSION_COOKIE_SECURE", False),
+            session_idle_seconds=_int(env, "SESSION_IDLE_SECONDS", 8 * 3600, 0),
+            session_cookie_secure=_bool(env, "SESSION_COOKIE_SECURE", production),
             session_check_seconds=_float(env, "SESSION_CHECK_SECONDS", 5.0, 0.0),
             login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 10, 1),
             login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 900, 1),
+            login_slowdown_max_seconds=_float(env, "LOGIN_SLOWDOWN_MAX_SECONDS", 10.0, 0.0),
+            trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
             allowed_origins=_origins(env.get("ALLOWED_ORIGINS") or ""),
             inngest_event_key=env.get("INNGEST_EVENT_KEY") or None,
             inngest_base_url=(
@@ -115,6 +135,8 @@ class Settings:
             s3_check_interval_seconds=_float(env, "S3_CHECK_INTERVAL", 60.0, 0.05),
             host=env.get("HOST") or "127.0.0.1",
             port=_int(env, "PORT", 8080, 0, 65535),
+            metrics_port=_int(env, "METRICS_PORT", 0, 1, 65535) or None,
+            metrics_token=_token(env, "METRICS_TOKEN"),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 256 * KIB, 1024),
             max_event_bytes=_int(env, "MAX_EVENT_BYTES", 256 * KIB, 1024),
             body_timeout_seconds=_float(env, "BODY_TIMEOUT_SECONDS", 30.0, 0.01),
@@ -154,6 +176,23 @@ class Settings:
         if not self.s3_bucket:
             raise ConfigError("S3_BUCKET is not set; production checks the app's S3 credentials.")
 
+    def security_warnings(self) -> list[str]:
+        """What a production start-up should say about its weaker choices."""
+        if self.profile is not Profile.PRODUCTION:
+            return []
+        warnings = []
+        if not self.session_cookie_secure:
+            warnings.append(
+                "SESSION_COOKIE_SECURE is false: browsers send the session cookie over plain "
+                "HTTP too; serve behind HTTPS and leave it unset"
+            )
+        if self.metrics_token is None and self.metrics_port is None:
+            warnings.append(
+                "/metrics is open to anyone who reaches this port; set METRICS_TOKEN or "
+                "METRICS_PORT"
+            )
+        return warnings
+
     def check_worker(self) -> None:
         if self.profile is Profile.PRODUCTION and not self.inngest_event_key:
             raise ConfigError(
@@ -180,6 +219,32 @@ def decode_session_secret(text: str) -> bytes:
 
 def encode_session_secret(key: bytes) -> str:
     return base64.urlsafe_b64encode(key).decode("ascii")
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in (env.get(name) or "").split(","):
+        if not (item := item.strip()):
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name} takes IP addresses or networks (10.0.0.5, 10.0.0.0/24, ::1), not {item!r}."
+            ) from None
+    return tuple(networks)
+
+
+def _token(env: Mapping[str, str], name: str) -> str | None:
+    token = (env.get(name) or "").strip()
+    if not token:
+        return None
+    if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
+        raise ConfigError(
+            f"{name} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters; make one "
+            "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return token
 
 
 ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}

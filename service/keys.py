@@ -13,6 +13,7 @@ from .intake import DocumentIntake
 from .metrics import Metrics
 from .storage import S3CredentialChecker
 from .store.database import Database
+from .web.readiness import RevisionCheck
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
@@ -28,3 +29,6 @@ METRICS = web.AppKey("metrics", Metrics)
 SCHEMA_HEAD = web.AppKey("schema_head", str)
 SESSION_REGISTRY = web.AppKey("session_registry", SessionRegistry)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
+READINESS = web.AppKey("readiness", RevisionCheck)
+# Set on the apps served on a metrics port: /readyz shows details, /metrics is open.
+STATUS_PORT = web.AppKey("status_port", bool)

@@ -53,6 +53,12 @@ class Metrics:
             "Events this process's worker gave back unspent because Inngest was unavailable",
             registry=r,
         )
+        self.cookies_rejected = Counter(
+            f"{PREFIX}_session_cookies_rejected",
+            "Session cookies that did not decrypt: forged, tampered with, of another "
+            "SESSION_SECRET, or older than SESSION_MAX_AGE",
+            registry=r,
+        )
         self.send_seconds = Histogram(
             f"{PREFIX}_send_duration_seconds",
             "Time of one request to Inngest's event API, by outcome",

@@ -58,6 +58,8 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(255), nullable=False),
     sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Set by an operator: no login, no session (see auth.set_disabled).
+    sa.Column("disabled_at", UTCDateTime, nullable=True),
 )
 
 documents = sa.Table(
@@ -166,6 +168,8 @@ sessions = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
+    # When a process last saw it in use (None: since created_at); for the idle timeout.
+    sa.Column("last_seen_at", UTCDateTime, nullable=True),
 )
 sa.Index("ix_sessions_user_id", sessions.c.user_id)
 sa.Index("ix_sessions_expires_at", sessions.c.expires_at)

@@ -23,8 +23,8 @@ from service.store.database import Database
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import PostgresServer, PostgresUnavailable, connect_or_start
 from tests.support.s3 import MotoS3, start_moto
+from tests.support.service import METRICS_TOKEN, USER, base_env, run_cli
 from tests.support.service import PASSWORD as SERVICE_PASSWORD
-from tests.support.service import USER, base_env, run_cli
 
 PASSWORD = "correct horse battery staple"
 # argon2id at its lowest cost: hashing with the library's defaults takes ~0.13 s
@@ -97,6 +97,9 @@ def service_env(tmp_path: Path, moto_s3: MotoS3) -> dict[str, str]:
         INNGEST_EVENT_KEY="test-event-key",
         INNGEST_BASE_URL="http://127.0.0.1:9",  # nothing listens; tests point it elsewhere
         LOG_LEVEL="WARNING",
+        # Plain HTTP on loopback: a client does not send Secure cookies back.
+        SESSION_COOKIE_SECURE="false",
+        METRICS_TOKEN=METRICS_TOKEN,
     )
     assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
     added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
@@ -161,6 +164,9 @@ def settings(db_url: str, aws_env: MotoS3) -> Settings:
         profile=Profile.PRODUCTION,
         database_url=db_url,
         session_secret=os.urandom(32),
+        # The tests speak plain HTTP, where a client does not send Secure cookies back.
+        session_cookie_secure=False,
+        metrics_token=METRICS_TOKEN,
         s3_bucket=aws_env.bucket,
         inngest_event_key="test-event-key",
         # API tests read the rows as the API left them; delivery tests turn it on.

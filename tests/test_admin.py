@@ -27,6 +27,7 @@ from service.store.encoding import RawJSON
 from service.web.middlewares import request_id_var
 from tests.conftest import PASSWORD
 from tests.fakes.inngest import POISON_ERROR, Fault, StandIn
+from tests.support.service import OPERATOR
 from tests.test_api import problem
 from tests.test_delivery import enqueue, make_worker
 from tests.test_operations import fail_for_good
@@ -349,7 +350,7 @@ async def test_metrics(
         await worker.wait_for(lambda stats: stats.delivered == 2 and stats.failed == 1)
     await worker.stop()
     await outbox.enqueue(db, [pending_event()])  # stays pending
-    response = await client.get("/metrics")
+    response = await client.get("/metrics", headers=OPERATOR)
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = await response.text()
@@ -378,7 +379,7 @@ async def test_readyz_reports_a_schema_behind_the_code(client: TestClient, db: D
     await db.write(
         lambda conn: conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0003'")
     )
-    response = await client.get("/readyz")
+    response = await client.get("/readyz", headers=OPERATOR)
     assert response.status == 503
     body = await response.json()
     assert body["checks"]["database"] == {
@@ -398,7 +399,7 @@ async def test_readyz_reports_the_rows_process_ended_and_the_api_still_accepts(
     assert rows is not None and rows.running and rows._transport is not None
     rows._transport.kill()
     await asyncio.shield(rows._output_closed)  # type: ignore[arg-type]
-    response = await client.get("/readyz")
+    response = await client.get("/readyz", headers=OPERATOR)
     assert response.status == 200
     body = await response.json()
     assert body["status"] == "ok"
@@ -432,7 +433,7 @@ async def test_readyz_reports_a_worker_that_cannot_send(
         await inngest.wait_until(lambda s: s.request_count >= 1)
         while (await client.get("/readyz")).status == 200:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-    body = await (await client.get("/readyz")).json()
+    body = await (await client.get("/readyz", headers=OPERATOR)).json()
     assert body["checks"]["worker"]["state"] == "unavailable"
     assert "refused the event key" in body["checks"]["worker"]["detail"]
 

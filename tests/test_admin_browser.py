@@ -115,4 +115,9 @@ async def test_log_in_list_and_replay(
         return {row.status for row in (await states(db.engine)).values()} == {"delivered"}
 
     await poll_until(all_delivered, wait_seconds=10)
+
+    # Log out: the page sends the JSON body every state-changing route needs.
+    await page.click("#logout")
+    await page.wait_for_selector("#login")
+    assert await page.context.cookies() == []
     assert errors == []

@@ -662,6 +662,46 @@ async def test_same_site_and_allowed_origins_may_post(alice_on, engine: AsyncEng
     assert response.status == 200  # reads are not refused: they change nothing
 
 
+async def test_the_own_origin_must_match_in_scheme_and_port(
+    logged_in: TestClient, engine: AsyncEngine
+) -> None:
+    host, port = logged_in.server.host, logged_in.server.port
+    for origin in (f"https://{host}:{port}", f"http://{host}:{port + 1}", f"http://{host}"):
+        response = await logged_in.post(
+            "/api", json={"documentName": "a"}, headers={"Origin": origin}
+        )
+        await problem(response, 403, "origin_not_allowed")
+    assert await rows(engine) == ([], [])
+
+
+async def test_behind_a_tls_proxy_the_origin_is_https(alice_on, engine: AsyncEngine) -> None:
+    import ipaddress
+
+    client: TestClient = await alice_on(trusted_proxies=(ipaddress.ip_network("127.0.0.1"),))
+    own = f"{client.server.host}:{client.server.port}"
+    proxied = {"X-Forwarded-Proto": "https"}
+    response = await client.post(
+        "/api", json={"documentName": "a"}, headers={**proxied, "Origin": f"https://{own}"}
+    )
+    assert response.status == 200, await response.text()
+    response = await client.post(
+        "/api", json={"documentName": "a"}, headers={**proxied, "Origin": f"http://{own}"}
+    )
+    await problem(response, 403, "origin_not_allowed")
+
+
+async def test_a_forwarded_scheme_from_an_untrusted_peer_is_ignored(
+    logged_in: TestClient, engine: AsyncEngine
+) -> None:
+    own = f"{logged_in.server.host}:{logged_in.server.port}"
+    response = await logged_in.post(
+        "/api",
+        json={"documentName": "a"},
+        headers={"X-Forwarded-Proto": "https", "Origin": f"https://{own}"},
+    )
+    await problem(response, 403, "origin_not_allowed")
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_a_locked_database_is_503_writes_nothing_and_recovers(
     logged_in: TestClient, engine: AsyncEngine, db_url: str

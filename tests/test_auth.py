@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import auth
 from service.app import create_app
 from service.config import Settings
-from service.models import login_failures, users
+from service.models import login_failures, sessions, users
 from service.store.database import Database
 from tests.conftest import PASSWORD
 
@@ -152,11 +153,37 @@ async def test_login_needs_json(client: TestClient) -> None:
 
 async def test_logout_clears_the_session(client: TestClient, user: auth.User) -> None:
     await login(client)
-    response = await client.post("/auth/logout")
+    response = await client.post("/auth/logout", json={})
     assert response.status == 204
     assert response.cookies[COOKIE].value == ""
     assert (await client.get("/auth/me")).status == 401
     assert (await client.post("/api", json={"documentName": "a"})).status == 401
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status", "code"),
+    [
+        ({}, 415, "unsupported_media_type"),
+        (
+            {"data": "logout", "headers": {"Content-Type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        ({"data": "", "headers": {"Content-Type": "application/json"}}, 400, "malformed_json"),
+        ({"json": []}, 400, "invalid_body"),
+        ({"json": {}, "headers": {"Origin": "https://evil.example"}}, 403, "origin_not_allowed"),
+        ({"json": {"x": "y" * 2000}}, 413, "payload_too_large"),
+    ],
+)
+async def test_logout_follows_the_rules_of_every_state_changing_route(
+    client: TestClient, user: auth.User, request_args: dict[str, Any], status: int, code: str
+) -> None:
+    await login(client)
+    response = await client.post("/auth/logout", **request_args)
+    assert response.status == status
+    assert (await response.json(content_type=PROBLEM))["code"] == code
+    assert "set-cookie" not in response.headers
+    assert (await client.get("/auth/me")).status == 200  # still logged in
 
 
 async def test_login_replaces_a_planted_session(
@@ -203,6 +230,24 @@ class TestCookiesThatAreNotAccepted:
         )
         client.session.cookie_jar.update_cookies({COOKIE: stale})
         assert (await client.get("/auth/me")).status == 401  # ...and age alone refuses it
+
+
+async def test_cookies_that_do_not_decrypt_are_counted_not_logged(
+    client: TestClient, user: auth.User, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.support.service import OPERATOR
+    from tests.test_admin import metric
+
+    rejected = "inngest_outbox_session_cookies_rejected_total"
+    caplog.set_level(logging.DEBUG)
+    for value in ("not-a-fernet-token", forge_cookie(b"\x01" * 32, {"uid": user.id}), "é"):
+        client.session.cookie_jar.update_cookies({COOKIE: value})
+        assert (await client.get("/auth/me")).status == 401
+        assert (await client.post("/api", json={"documentName": "a"})).status == 401
+    text = await (await client.get("/metrics", headers=OPERATOR)).text()
+    assert metric(text, rejected) == 6
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not any("decrypt" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.real_password_hashing
@@ -296,7 +341,7 @@ async def test_a_cookie_copied_before_logout_is_refused_after_it(
 ) -> None:
     response = await login(client)
     copied = response.cookies[COOKIE].value
-    assert (await client.post("/auth/logout")).status == 204
+    assert (await client.post("/auth/logout", json={})).status == 204
     replay = client  # the same server, the cookie put back as an attacker would
     replay.session.cookie_jar.update_cookies({COOKIE: copied})
     assert (await replay.get("/auth/me")).status == 401
@@ -317,8 +362,48 @@ async def test_a_logout_on_one_process_reaches_the_others(
     cookie = (await login(first)).cookies[COOKIE].value
     second.session.cookie_jar.update_cookies({COOKIE: cookie})
     assert (await second.get("/auth/me")).status == 200
-    assert (await first.post("/auth/logout")).status == 204
+    assert (await first.post("/auth/logout", json={})).status == 204
     assert (await second.get("/auth/me")).status == 401
+
+
+async def set_last_seen(engine: AsyncEngine, ago: timedelta) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sessions.update().values(last_seen_at=datetime.now(UTC) - ago))
+
+
+async def last_seen_ago(engine: AsyncEngine) -> timedelta:
+    async with engine.connect() as conn:
+        return datetime.now(UTC) - await conn.scalar(sa.select(sessions.c.last_seen_at))
+
+
+async def test_a_session_unused_past_the_idle_timeout_is_refused(
+    alice_on, engine: AsyncEngine
+) -> None:
+    client = await alice_on(session_check_seconds=0, session_idle_seconds=3600)
+    await set_last_seen(engine, timedelta(minutes=59))
+    assert (await client.get("/auth/me")).status == 200
+    await set_last_seen(engine, timedelta(minutes=61))
+    assert (await client.get("/auth/me")).status == 401
+    response = await client.post("/api", json={"documentName": "a"})
+    assert (await response.json(content_type=PROBLEM))["code"] == "unauthenticated"
+
+
+async def test_a_session_in_use_is_kept_alive(alice_on, engine: AsyncEngine) -> None:
+    client = await alice_on(session_check_seconds=0, session_idle_seconds=3600)
+    await set_last_seen(engine, timedelta(minutes=50))
+    assert (await client.get("/auth/me")).status == 200
+    assert await last_seen_ago(engine) < timedelta(seconds=10)  # written again
+    await set_last_seen(engine, timedelta(seconds=30))
+    assert (await client.get("/auth/me")).status == 200
+    assert await last_seen_ago(engine) >= timedelta(seconds=30)  # recent enough: no write
+
+
+async def test_without_an_idle_timeout_only_the_absolute_age_counts(
+    alice_on, engine: AsyncEngine
+) -> None:
+    client = await alice_on(session_check_seconds=0, session_idle_seconds=0)
+    await set_last_seen(engine, timedelta(days=6))
+    assert (await client.get("/auth/me")).status == 200
 
 
 def count_session_reads(db: Database) -> list[str]:
@@ -414,6 +499,28 @@ async def test_a_cookie_without_a_session_row_is_refused(
         assert (await client.get("/auth/me")).status == 401
 
 
+async def test_a_disabled_users_sessions_are_refused(db: Database, user: auth.User) -> None:
+    """Even one opened after the disable (a login that passed its check meanwhile)."""
+    registry = auth.SessionRegistry(check_seconds=0)
+    before = await registry.open(db, user.id, 3600)
+    assert await auth.set_disabled(db, "alice", True) == 1
+    after = await registry.open(db, user.id, 3600)
+    assert await registry.is_valid(db, before, user.id) is False
+    assert await registry.is_valid(db, after, user.id) is False
+    assert await auth.set_disabled(db, "alice", False) == 0
+    assert await registry.is_valid(db, after, user.id) is True  # never revoked
+    assert await registry.is_valid(db, before, user.id) is False  # revoked for good
+
+
+async def test_a_disabled_user_cannot_log_in(
+    client: TestClient, db: Database, user: auth.User
+) -> None:
+    await auth.set_disabled(db, "alice", True)
+    response = await login(client)
+    assert response.status == 401
+    assert (await response.json(content_type=PROBLEM))["code"] == "invalid_credentials"
+
+
 async def test_a_session_names_its_own_user_only(
     client: TestClient, user: auth.User, settings: Settings, db: Database
 ) -> None:
@@ -444,27 +551,75 @@ async def test_too_many_failed_logins_from_one_address_are_429(
         "title": "Too many failed logins",
         "status": 429,
         "code": "too_many_logins",
-        "detail": "Too many failed logins for this user or from this address; "
-        f"retry in {retry_after} seconds.",
+        "detail": f"Too many failed logins from this address; retry in {retry_after} seconds.",
         "instance": "/auth/login",
     }
     assert "set-cookie" not in response.headers
 
 
-async def test_the_throttle_counts_per_key_over_a_window(db: Database, engine: AsyncEngine) -> None:
+async def test_concurrent_attempts_are_counted_before_their_passwords_are_checked(
+    db: Database, engine: AsyncEngine
+) -> None:
+    throttle = auth.LoginThrottle(max_failures=10, window_seconds=900)
+    outcomes = await asyncio.gather(
+        *(throttle.begin(db, "alice", "10.0.0.1") for _ in range(40)), return_exceptions=True
+    )
+    assert sum(isinstance(o, auth.LoginAttempt) for o in outcomes) == 10
+    assert sum(isinstance(o, auth.TooManyLogins) for o in outcomes) == 30
+
+
+async def test_the_pair_and_the_address_are_limited_and_the_name_only_slowed(
+    db: Database, engine: AsyncEngine
+) -> None:
+    throttle = auth.LoginThrottle(max_failures=2, window_seconds=900, slowdown_max_seconds=3)
+    for _ in range(2):
+        assert (await throttle.begin(db, "alice", "10.0.0.1")).delay_seconds == 0
+    with pytest.raises(auth.TooManyLogins) as caught:
+        await throttle.begin(db, "alice", "10.0.0.1")  # the pair
+    assert 899 <= caught.value.retry_after_seconds <= 900
+    with pytest.raises(auth.TooManyLogins):
+        await throttle.begin(db, "bob", "10.0.0.1")  # the address, whatever the name
+    # The name from elsewhere: never refused, only slowed, more as failures grow.
+    delays = [(await throttle.begin(db, "Alice", f"10.0.1.{i}")).delay_seconds for i in range(8)]
+    assert delays == [1, 1, 2, 2, 3, 3, 3, 3]
+    assert (await throttle.begin(db, "bob", "10.0.0.2")).delay_seconds == 0
+
+
+def test_the_slowdown_doubles_every_limit_up_to_its_cap() -> None:
+    throttle = auth.LoginThrottle(max_failures=10, window_seconds=900, slowdown_max_seconds=10)
+    assert [throttle.slowdown(n) for n in (0, 9, 10, 19, 20, 30, 40, 50, 10**6)] == [
+        0, 0, 1, 1, 2, 4, 8, 10, 10,
+    ]  # fmt: skip
+
+
+async def test_a_success_forgives_the_pair_only(db: Database, engine: AsyncEngine) -> None:
+    """A mistyped password is forgiven by the right one from the same address; the
+    address and the name keep counting it."""
     throttle = auth.LoginThrottle(max_failures=2, window_seconds=900)
-    alice, here, there = "user:alice", "ip:10.0.0.1", "ip:10.0.0.2"
-    await throttle.failed(db, [alice, here])
-    assert await throttle.retry_after(db, [alice, here]) is None
-    await throttle.failed(db, [alice, here])
-    assert await throttle.retry_after(db, [alice, there]) is not None  # the user is blocked
-    assert await throttle.retry_after(db, ["user:bob", here]) is not None  # so is the address
-    assert await throttle.retry_after(db, ["user:bob", there]) is None
-    await throttle.succeeded(db, alice)  # a good login clears the name, not the address
-    assert await throttle.retry_after(db, [alice, there]) is None
-    assert await throttle.retry_after(db, ["user:bob", here]) is not None
-    # Failures older than the window no longer count.
+    await throttle.begin(db, "alice", "10.0.0.1")
+    await throttle.succeeded(db, await throttle.begin(db, "alice", "10.0.0.1"))
+    async with engine.connect() as conn:
+        keys = (await conn.scalars(sa.select(login_failures.c.key).order_by("key"))).all()
+    assert keys == ["ip:10.0.0.1", "user:alice"]
+
+
+async def test_an_abandoned_attempt_counts_for_nothing(db: Database, engine: AsyncEngine) -> None:
+    throttle = auth.LoginThrottle(max_failures=1, window_seconds=900)
+    await throttle.abandon(db, await throttle.begin(db, "alice", "10.0.0.1"))
+    await throttle.begin(db, "alice", "10.0.0.1")
+    with pytest.raises(auth.TooManyLogins):
+        await throttle.begin(db, "alice", "10.0.0.1")
+
+
+async def test_failures_older_than_the_window_no_longer_count(
+    db: Database, engine: AsyncEngine
+) -> None:
+    throttle = auth.LoginThrottle(max_failures=1, window_seconds=900)
+    await throttle.begin(db, "alice", "10.0.0.1")
+    with pytest.raises(auth.TooManyLogins):
+        await throttle.begin(db, "alice", "10.0.0.1")
     async with engine.begin() as conn:
         an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
         await conn.execute(sa.update(login_failures).values(at=an_hour_ago))
-    assert await throttle.retry_after(db, ["user:bob", here]) is None
+    attempt = await throttle.begin(db, "alice", "10.0.0.1")
+    assert attempt.delay_seconds == 0

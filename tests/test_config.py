@@ -79,6 +79,14 @@ def test_secrets_are_not_in_repr() -> None:
         ({"INNGEST_OUTBOX_PROFILE": "staging"}, "INNGEST_OUTBOX_PROFILE must be one of dev"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT must be one of text, json, not 'xml'."),
         ({"LOGIN_MAX_FAILURES": "0"}, "LOGIN_MAX_FAILURES must be at least 1, not 0."),
+        ({"METRICS_PORT": "0"}, "METRICS_PORT must be between 1 and 65535, not 0."),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN must be at least 16 printable ASCII"),
+        ({"METRICS_TOKEN": "x" * 15 + "\u00e9"}, "METRICS_TOKEN must be at least 16 printable"),
+        (
+            {"TRUSTED_PROXIES": "10.0.0.1, proxy.internal"},
+            "TRUSTED_PROXIES takes IP addresses or networks (10.0.0.5, 10.0.0.0/24, ::1), "
+            "not 'proxy.internal'.",
+        ),
         (
             {"ALLOWED_ORIGINS": "app.example.com"},
             "ALLOWED_ORIGINS takes origins like https://app.example.com, not 'app.example.com'.",
@@ -124,3 +132,38 @@ def test_allowed_origins_are_normalised() -> None:
     assert Settings.from_env({}).allowed_origins == frozenset()
     assert Settings.from_env({}).login_max_failures == 10
     assert Settings.from_env({}).login_failure_window_seconds == 900
+
+
+def test_no_proxy_is_trusted_unless_listed() -> None:
+    assert Settings.from_env({}).trusted_proxies == ()
+    listed = Settings.from_env({"TRUSTED_PROXIES": " 10.0.0.5, 10.1.0.0/16 ,::1"}).trusted_proxies
+    assert [str(network) for network in listed] == ["10.0.0.5/32", "10.1.0.0/16", "::1/128"]
+
+
+def test_production_cookies_are_secure_unless_the_operator_says_otherwise() -> None:
+    assert Settings.from_env({}).session_cookie_secure is True
+    assert Settings.from_env({}, profile=Profile.DEV).session_cookie_secure is False
+    plain = Settings.from_env({"SESSION_COOKIE_SECURE": "false"})
+    assert plain.session_cookie_secure is False
+    assert any("SESSION_COOKIE_SECURE is false" in w for w in plain.security_warnings())
+    assert not any("SESSION_COOKIE_SECURE" in w for w in Settings.from_env({}).security_warnings())
+    assert Settings.from_env({}, profile=Profile.DEV).security_warnings() == []
+
+
+def test_sessions_have_an_idle_timeout() -> None:
+    assert Settings.from_env({}).session_idle_seconds == 8 * 3600
+    assert Settings.from_env({"SESSION_IDLE_SECONDS": "600"}).session_idle_seconds == 600
+    assert Settings.from_env({"SESSION_IDLE_SECONDS": "0"}).session_idle_seconds == 0
+
+
+def test_open_metrics_in_production_are_warned_about() -> None:
+    warning = "/metrics is open to anyone who reaches this port; set METRICS_TOKEN or METRICS_PORT"
+    assert warning in Settings.from_env({}).security_warnings()
+    for closed in ({"METRICS_TOKEN": "t" * 16}, {"METRICS_PORT": "9100"}):
+        assert warning not in Settings.from_env(closed).security_warnings()
+
+
+def test_the_metrics_token_is_not_in_repr() -> None:
+    settings = Settings.from_env({"METRICS_TOKEN": "metrics-sekrit-0123456789"})
+    assert settings.metrics_token == "metrics-sekrit-0123456789"
+    assert "metrics-sekrit" not in repr(settings)

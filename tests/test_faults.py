@@ -26,9 +26,7 @@ from tests.support.net import free_port
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
 from tests.support.s3 import MotoS3
 from tests.support.service import (
-    PASSWORD as SERVICE_PASSWORD,
-)
-from tests.support.service import (
+    OPERATOR,
     USER,
     ServiceProcess,
     http_session,
@@ -36,6 +34,9 @@ from tests.support.service import (
     poll_until,
     query,
     run_cli,
+)
+from tests.support.service import (
+    PASSWORD as SERVICE_PASSWORD,
 )
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,10 @@ async def post(http: aiohttp.ClientSession, url: str, name: str, **data: Any) ->
 
 
 async def metric(url: str, name: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+    async with (
+        aiohttp.ClientSession(headers=OPERATOR) as http,
+        http.get(f"{url}/metrics") as response,
+    ):
         for line in (await response.text()).splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
@@ -89,7 +93,10 @@ async def metric(url: str, name: str) -> float:
 
 
 async def readyz(url: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as response:
+    async with (
+        aiohttp.ClientSession(headers=OPERATOR) as http,
+        http.get(f"{url}/readyz") as response,
+    ):
         return response.status, await response.json()
 
 

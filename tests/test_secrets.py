@@ -11,6 +11,7 @@ import pytest
 
 from tests.fakes.inngest import Fault, StandIn
 from tests.support.service import (
+    OPERATOR,
     PASSWORD,
     USER,
     ServiceProcess,
@@ -42,6 +43,7 @@ async def test_no_secret_in_logs_errors_events_or_metrics(
         "AWS access key id": env["AWS_ACCESS_KEY_ID"],
         "AWS secret key": env["AWS_SECRET_ACCESS_KEY"],
         "password": PASSWORD,
+        "metrics token": env["METRICS_TOKEN"],
     }
     admin = run_cli("users", "add", "root", "--admin", env=env, cwd=tmp_path, input=PASSWORD + "\n")
     assert admin.returncode == 0
@@ -74,14 +76,17 @@ async def test_no_secret_in_logs_errors_events_or_metrics(
                 await inngest.wait_until(lambda s: event_id in s.accepted_ids)
             for path in ("/readyz", "/metrics", f"/api/events/{event_id}", "/auth/me"):
                 said.append(await (await http.get(f"{service.url}{path}")).text())
+            for path in ("/readyz", "/metrics"):  # with the details an operator sees
+                response = await http.get(f"{service.url}{path}", headers=OPERATOR)
+                said.append(await response.text())
         async with http_session() as http:
             response = await http.post(
                 f"{service.url}/auth/login", json={"username": "root", "password": PASSWORD}
             )
             assert response.status == 200
-            for path in ("/admin", "/admin/api/stats", f"/admin/api/events/{event_id}"):
+            for path in ("/admin", "/admin/api/stats", f"/admin/api/events/{event_id}", "/readyz"):
                 said.append(await (await http.get(f"{service.url}{path}")).text())
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=OPERATOR) as http:
             said.append(await (await http.get(f"{service.url}/metrics")).text())
     finally:
         assert service.stop() == 0

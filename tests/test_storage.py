@@ -12,6 +12,7 @@ from service.app import create_app
 from service.config import Settings
 from service.storage import S3CredentialChecker, S3State
 from tests.support.s3 import MotoS3
+from tests.support.service import OPERATOR
 
 
 async def test_valid_keys_and_bucket_are_ok(aws_env: MotoS3) -> None:
@@ -86,7 +87,7 @@ async def test_periodic_check_recovers_when_keys_become_valid(
 
 async def test_readyz_reports_the_verdict(aiohttp_client, settings: Settings, engine) -> None:
     client: TestClient = await aiohttp_client(create_app(settings))
-    response = await client.get("/readyz")
+    response = await client.get("/readyz", headers=OPERATOR)
     assert response.status == 200
     body = await response.json()
     assert body["status"] == "ok"
@@ -100,7 +101,7 @@ async def test_readyz_is_503_when_the_bucket_is_missing(
     client: TestClient = await aiohttp_client(
         create_app(settings.replace(s3_bucket="missing-bucket-x"))
     )
-    response = await client.get("/readyz")
+    response = await client.get("/readyz", headers=OPERATOR)
     assert response.status == 503
     body = await response.json()
     assert body["status"] == "unavailable"

@@ -12,7 +12,15 @@ import pytest
 
 from tests.fakes.inngest import Fault, StandIn
 from tests.support.net import free_port
-from tests.support.service import ServiceProcess, http_session, log_in, poll_until, query, run_cli
+from tests.support.service import (
+    OPERATOR,
+    ServiceProcess,
+    http_session,
+    log_in,
+    poll_until,
+    query,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +61,7 @@ async def test_api_only_process_leaves_delivery_to_worker_processes(
     try:
         ids = await post_documents(api.url, 5)
         async with aiohttp.ClientSession() as http:
-            ready = await (await http.get(f"{api.url}/readyz")).json()
+            ready = await (await http.get(f"{api.url}/readyz", headers=OPERATOR)).json()
         assert ready["checks"]["worker"] == {
             "state": "elsewhere",
             "detail": "serve --no-worker: worker processes deliver",

@@ -132,6 +132,11 @@ class Database:
         commit: pending, or leased by ``hand_off``."""
         raise NotImplementedError
 
+    def serialize(self, conn: Connection, keys: Sequence[str]) -> None:
+        """Transactions that call this with a key in common run one after the
+        other from here to their end (a count, then an insert, as one step)."""
+        raise NotImplementedError
+
     def notify(self, conn: Connection) -> None:
         """Rows became due in the caller's transaction: wake the workers of
         other processes at its commit (those that cannot be woken poll)."""

@@ -44,6 +44,14 @@ async def _admin(request: web.Request) -> auth.User | None:
     return user
 
 
+async def is_admin(request: web.Request) -> bool:
+    """Whether the request comes from a logged-in admin."""
+    try:
+        return await _admin(request) is not None
+    except Problem:
+        return False
+
+
 async def _require_admin(request: web.Request) -> auth.User:
     user = await _admin(request)
     if user is None:
@@ -323,7 +331,8 @@ if (login) login.addEventListener("submit", async (event) => {
 });
 const logout = $("#logout");
 if (logout) logout.addEventListener("click", async () => {
-  await fetch("/auth/logout", {method: "POST", credentials: "same-origin"});
+  try { await post("/auth/logout", {}); }
+  catch (error) { say("Logout failed: " + error.message); return; }
   location.reload();
 });
 async function replay(ids) {

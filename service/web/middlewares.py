@@ -14,6 +14,7 @@ from aiohttp.web_log import AccessLogger
 from ..ids import new_request_id
 from ..keys import METRICS, SETTINGS
 from ..store.errors import is_unavailable
+from .forwarded import own_origin, parse_origin
 from .problems import Problem, database_unavailable, from_http_exception
 
 log = logging.getLogger(__name__)
@@ -95,19 +96,23 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 def _check_origin(request: web.Request) -> None:
     """A browser names the page that sent a POST in Origin: refuse other sites'.
 
-    Requests without Origin (curl, servers) pass: the cookie is SameSite=Lax and
-    a JSON content type is required, so a browser cannot send one unnoticed.
+    The service's own origin is the scheme, host and port the client reached (a
+    page served over plain HTTP on the same host is another origin). Requests
+    without Origin (curl, servers) pass: the cookie is SameSite=Lax and a JSON
+    content type is required, so a browser cannot send one unnoticed.
     """
     origin = request.headers.get("Origin")
     if origin is None:
         return
-    origin = origin.strip().rstrip("/").lower()
-    _, _, netloc = origin.partition("://")
-    if netloc and netloc == (request.host or "").lower():
-        return  # the service's own pages (the scheme may differ behind a TLS proxy)
-    settings = request.app.get(SETTINGS)  # a worker's status app has none
-    if settings is not None and origin in settings.allowed_origins:
-        return
+    sent = parse_origin(origin)
+    if sent is not None:
+        if sent == own_origin(request):
+            return
+        settings = request.app.get(SETTINGS)  # a worker's status app has none
+        if settings is not None and any(
+            sent == parse_origin(allowed) for allowed in settings.allowed_origins
+        ):
+            return
     raise Problem(
         403,
         "origin_not_allowed",

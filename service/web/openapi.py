@@ -74,7 +74,12 @@ SPEC: dict[str, Any] = {
     },
     "components": {
         "securitySchemes": {
-            "session": {"type": "apiKey", "in": "cookie", "name": "inngest_outbox_session"}
+            "session": {"type": "apiKey", "in": "cookie", "name": "inngest_outbox_session"},
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "METRICS_TOKEN, when the service has one",
+            },
         },
         "schemas": {
             "Problem": {
@@ -142,7 +147,16 @@ SPEC: dict[str, Any] = {
                 "required": ["status", "checks"],
                 "properties": {
                     "status": {"enum": ["ok", "unavailable"]},
-                    "checks": {"type": "object"},
+                    "checks": {
+                        "type": "object",
+                        "description": "Each check by name: its state, and for an admin, "
+                        "the metrics token or the metrics port, what is behind it.",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["state"],
+                            "properties": {"state": {"type": "string"}},
+                        },
+                    },
                 },
             },
         },
@@ -157,6 +171,9 @@ SPEC: dict[str, Any] = {
         "/readyz": {
             "get": {
                 "summary": "Database, schema, S3 and worker checks",
+                "description": "Anyone sees each check's state (ok, degraded, elsewhere or "
+                "unavailable); an admin's session or the METRICS_TOKEN sees the details.",
+                "security": [{}, {"session": []}, {"metricsToken": []}],
                 "responses": {
                     "200": _json("Ready", _ref("Checks")),
                     "503": _json("Not ready", _ref("Checks")),
@@ -166,11 +183,16 @@ SPEC: dict[str, Any] = {
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
+                "description": "Needs the METRICS_TOKEN when the service has one; with "
+                "METRICS_PORT and no token, served on that port only.",
+                "security": [{}, {"metricsToken": []}],
                 "responses": {
                     "200": {
                         "description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    "401": _problem("The METRICS_TOKEN is required", "invalid_token"),
+                    "404": _problem("Served on the metrics port", "not_found"),
                 },
             }
         },
@@ -206,7 +228,18 @@ SPEC: dict[str, Any] = {
         "/auth/logout": {
             "post": {
                 "summary": "Log out: revokes the session",
-                "responses": {"204": {"description": "Logged out"}, "403": _CROSS_SITE},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "204": {"description": "Logged out"},
+                    "400": _BAD_BODY,
+                    "403": _CROSS_SITE,
+                    "408": _SLOW_BODY,
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                },
             }
         },
         "/auth/me": {

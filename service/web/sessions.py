@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .. import auth
 from ..keys import DATABASE, LOGIN_THROTTLE, PASSWORDS, SESSION_REGISTRY, SESSIONS, SETTINGS
 from .body import read_json_object
+from .forwarded import client_address
 from .problems import Problem, invalid_field, unauthenticated
 
 MAX_LOGIN_BODY_BYTES = 8 * 1024
+MAX_LOGOUT_BODY_BYTES = 1024
 
 
 async def login(request: web.Request) -> web.Response:
@@ -22,27 +26,28 @@ async def login(request: web.Request) -> web.Response:
         raise invalid_field("password", "required", "password must be a non-empty string.")
     db = request.app[DATABASE]
     throttle = request.app[LOGIN_THROTTLE]
-    # Per name (one account guessed at from many addresses) and per address (many
-    # accounts tried from one). Behind a proxy every address is the proxy's.
-    keys = [f"user:{username.lower()[:64]}", f"ip:{request.remote or '-'}"]
-    retry_after = await throttle.retry_after(db, keys)
-    if retry_after is not None:
+    try:
+        attempt = await throttle.begin(db, username, client_address(request))
+    except auth.TooManyLogins as exc:
+        retry_after = exc.retry_after_seconds
         raise Problem(
             429,
             "too_many_logins",
             "Too many failed logins",
-            f"Too many failed logins for this user or from this address; "
-            f"retry in {retry_after} seconds.",
+            f"Too many failed logins from this address; retry in {retry_after} seconds.",
             headers={"Retry-After": str(retry_after)},
-        )
+        ) from None
+    if attempt.delay_seconds:
+        # Many failures for this name, from wherever: slow its logins down,
+        # never refuse them (its owner must still get in).
+        await asyncio.sleep(attempt.delay_seconds)
     if len(password) > auth.MAX_PASSWORD_LENGTH or len(username) > 64:
         user = None  # too long to be anyone's; still answer as for a wrong password
     else:
         try:
-            user = await request.app[PASSWORDS].authenticate(
-                request.app[DATABASE], username, password
-            )
+            user = await request.app[PASSWORDS].authenticate(db, username, password)
         except auth.VerifierBusy:
+            await throttle.abandon(db, attempt)
             raise Problem(
                 503,
                 "login_busy",
@@ -51,11 +56,11 @@ async def login(request: web.Request) -> web.Response:
                 headers={"Retry-After": "1"},
             ) from None
     if user is None:
-        await throttle.failed(db, keys)
+        # The attempt's rows, written before the check, are its failure.
         raise Problem(
             401, "invalid_credentials", "Login failed", "The username or password is wrong."
         )
-    await throttle.succeeded(db, keys[0])
+    await throttle.succeeded(db, attempt)
     settings = request.app[SETTINGS]
     session_id = await request.app[SESSION_REGISTRY].open(
         db, user.id, settings.session_max_age_seconds
@@ -72,7 +77,12 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    """Revokes the session server-side: a copy of the cookie is refused from now on."""
+    """Revokes the session server-side: a copy of the cookie is refused from now on.
+
+    Its body is a JSON object (``{}``), as for every route that changes state: a
+    page of another site cannot send one without the browser asking first.
+    """
+    await read_json_object(request, MAX_LOGOUT_BODY_BYTES)
     found = await auth.session_of(request.app[SESSIONS], request)
     if found is not None:
         await request.app[SESSION_REGISTRY].revoke(request.app[DATABASE], found[0])

@@ -103,6 +103,9 @@ class ServiceProcess:
 
 USER = "alice"
 PASSWORD = "a long password"
+# What an operator's monitoring sends for /metrics and /readyz's details.
+METRICS_TOKEN = "metrics-token-of-the-tests-5c2e0a"
+OPERATOR = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def http_session(**kwargs: object) -> aiohttp.ClientSession:

@@ -118,6 +118,11 @@ class PostgresDatabase(Database):
         if hand_off is None:  # handed-off rows are this process's worker's already
             self.notify(conn)
 
+    def serialize(self, conn: Connection, keys: Sequence[str]) -> None:
+        # A transaction-scoped advisory lock a key, taken in order: no deadlock.
+        for key in sorted(keys):
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(key))))
+
     def notify(self, conn: Connection) -> None:
         conn.exec_driver_sql(NOTIFY_SQL)  # delivered at commit, to every host's workers
 

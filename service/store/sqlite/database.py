@@ -135,6 +135,9 @@ class SQLiteDatabase(Database):
     ) -> None:
         outbox_sql.enqueue(conn.connection.driver_connection, events, hand_off)
 
+    def serialize(self, conn: Connection, keys: Sequence[str]) -> None:
+        pass  # every write transaction holds the database's write lock already
+
     async def claim(
         self, *, token: str, owner: str, limit: int, now: datetime, expires_at: datetime
     ) -> Claim:
