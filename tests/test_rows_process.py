@@ -290,3 +290,81 @@ async def test_a_setup_that_failed_is_tried_again_with_the_next_write(db: Databa
     await db.write(lambda conn: conn.execute(sa.text("CREATE TABLE base (x INTEGER)")))
     # Its setup again, whole this time: the TEMP table is there for the INSERT.
     assert await _submit_rows(db, Doubled(2)) == (2,)
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Database, object, object]]:
+    """The intake on the path production takes: a migrated file, the rows
+    process, no fault point set."""
+    from service import auth, migrate
+    from service.intake import DocumentIntake
+
+    database = open_database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
+    await migrate.upgrade(database.engine)
+    await database.start()
+    intake = DocumentIntake(database)
+    await intake.start()
+    try:
+        user = await auth.create_user(database, "alice", "a long password")
+        yield database, intake, user
+    finally:
+        await intake.close()
+        await database.close()
+        await database.engine.dispose()
+
+
+async def test_on_the_fast_path_a_document_is_never_kept_without_its_event(
+    served: tuple[Database, object, object],
+) -> None:
+    """One submission's event id is taken already: the trigger's outbox INSERT
+    fails after its document was inserted by the same statement. Nothing of it
+    is kept, and the requests merged into the same statement are written."""
+    from service import outbox
+    from service.intake import Accepted, DocumentIntake, StorageUnavailable
+
+    from .test_intake import counts, submission
+
+    db, intake, user = served
+    assert isinstance(intake, DocumentIntake)
+    taken = submission(user, "taken")
+    await outbox.enqueue(db, [taken.event])
+    writer = db._writer  # type: ignore[attr-defined]
+    before = writer.transactions
+    subs = [submission(user, "a"), submission(user, "dup"), submission(user, "b")]
+    subs[1].event = taken.event  # the same event id as the row already there
+    results = await asyncio.gather(*(intake.submit(s) for s in subs), return_exceptions=True)
+    assert results[0] == Accepted(subs[0].event.id) and results[2] == Accepted(subs[2].event.id)
+    assert isinstance(results[1], StorageUnavailable)
+    assert writer.transactions == before  # the rows process wrote them, not the thread
+    async with db.engine.connect() as conn:
+        names = set((await conn.scalars(sa.text("SELECT document_name FROM documents"))).all())
+    assert names == {"a", "b"}
+    assert await counts(db.engine) == (2, 3)  # the taken id's row, and a's and b's
+
+
+async def test_on_the_fast_path_an_answer_waits_for_its_commit(
+    served: tuple[Database, object, object], tmp_path: Path
+) -> None:
+    """Another connection holds SQLite's write lock: the rows process waits for
+    it, and the request has no answer until its own statement has committed."""
+    from service.intake import Accepted, DocumentIntake
+
+    from .test_intake import counts, submission
+
+    db, intake, user = served
+    assert isinstance(intake, DocumentIntake)
+    blocker = sqlite3.connect(tmp_path / "rows.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        sub = submission(user, "held")
+        request = asyncio.ensure_future(intake.submit(sub))
+        # Not a wait for something: time in which an answer given before the
+        # commit would arrive (the rows process polls the lock meanwhile).
+        await asyncio.sleep(0.2)
+        assert not request.done()
+        assert await counts(db.engine) == (0, 0)
+        blocker.execute("COMMIT")
+        assert await request == Accepted(sub.event.id)
+        assert await counts(db.engine) == (1, 1)
+    finally:
+        blocker.close()

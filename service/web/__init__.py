@@ -1,0 +1,1 @@
+"""The HTTP side: handlers, middlewares, problems, sessions, the admin page."""
