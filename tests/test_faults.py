@@ -310,9 +310,10 @@ async def test_postgres_crash_under_load_loses_nothing_and_answers_503(
         async with progress:
             await progress.wait_for(predicate)
 
-    async def post_documents(client: int) -> None:
+    async def post_documents(client: int, logged_in: asyncio.Event) -> None:
         async with http_session(timeout=timeout) as http:
             await log_in(http, api.url)
+            logged_in.set()
             n = 0
             while not stop.is_set() and len(acknowledged) < 20_000:
                 body = {"documentName": f"c{client}-{n}"}
@@ -336,7 +337,13 @@ async def test_postgres_crash_under_load_loses_nothing_and_answers_503(
 
     try:
         async with asyncio.timeout(150):
-            clients = [asyncio.create_task(post_documents(i)) for i in range(16)]
+            clients = []
+            for i in range(16):
+                # One login at a time: concurrent attempts from one address
+                # count against its limit while they are checked.
+                logged_in = asyncio.Event()
+                clients.append(asyncio.create_task(post_documents(i, logged_in)))
+                await logged_in.wait()
             clients.append(asyncio.create_task(log_in_again_and_again()))
             await until(lambda: len(acknowledged) >= 300)
             await asyncio.to_thread(own_postgres.halt, "immediate")
