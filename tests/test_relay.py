@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service import relay_keys
+from service import operations, relay_keys
 from service.app import create_app
 from service.config import Settings
 from service.keys import DATABASE, INTAKE, METRICS
@@ -395,3 +395,14 @@ async def test_key_hashes_are_stored_never_keys(
         stored = (await conn.execute(sa.select(relay_keys_table))).one()
     assert key not in [str(v) for v in stored]
     assert stored.key_hash == relay_keys.hash_key(key)
+
+
+async def test_list_and_show_name_the_key_a_relayed_event_came_from(
+    relay_client: TestClient, key: str, db: Database
+) -> None:
+    await relay_client.post(f"/e/{key}", json=[{"name": "shop/a", "id": "from-shop"}])
+    page = await operations.list_events(db, operations.Filter())
+    assert [(e.id, e.origin) for e in page.events] == [("from-shop", "shop")]
+    detail = await operations.get_event(db, "from-shop")
+    assert detail is not None and detail.origin == "shop"
+    assert detail.event["name"] == "shop/a" and detail.document_name is None
