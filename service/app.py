@@ -20,6 +20,7 @@ from .keys import (
     METRICS,
     PASSWORDS,
     READINESS,
+    RELAY_KEYS,
     S3_CHECKER,
     SCHEMA_HEAD,
     SESSION_REGISTRY,
@@ -30,10 +31,11 @@ from .keys import (
     WORKER,
 )
 from .metrics import Metrics
+from .relay_keys import RelayKeys
 from .storage import S3CredentialChecker
 from .store import open_database
 from .store.database import Database
-from .web import admin, documents, events, health, openapi, sessions
+from .web import admin, documents, events, health, openapi, relay, sessions
 from .web.middlewares import request_middleware
 from .web.readiness import RevisionCheck
 from .web.server import AppRunner as ProblemAppRunner
@@ -41,9 +43,10 @@ from .web.server import AppRunner as ProblemAppRunner
 
 def create_app(settings: Settings) -> web.Application:
     # The body limit is enforced by aiohttp too, for bodies read without
-    # Content-Length (chunked); the handlers give the friendlier error first.
+    # Content-Length (chunked); the handlers give the friendlier error first
+    # (each route's own limit: the relay's batches may be larger).
     app = web.Application(
-        client_max_size=settings.max_body_bytes,
+        client_max_size=max(settings.max_body_bytes, settings.relay_max_body_bytes),
         middlewares=[request_middleware],
     )
     # Sessions are aiohttp-session's encrypted cookies, read where needed
@@ -86,6 +89,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/openapi.json", openapi.openapi)
     app.router.add_post("/api", documents.post_document)
     app.router.add_get("/api/events/{id}", events.get_event)
+    app.router.add_post("/e/{key}", relay.receive_events)
     app.router.add_get("/admin", admin.page)
     app.router.add_get("/admin/api/stats", admin.api_stats)
     app.router.add_get("/admin/api/events", admin.api_list)
@@ -132,6 +136,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     db = open_database(app[SETTINGS].database_url, rows_process=True)
     await db.start()
     app[DATABASE] = db
+    app[RELAY_KEYS] = RelayKeys(db, check_seconds=app[SETTINGS].relay_key_check_seconds)
     app[SCHEMA_HEAD] = await asyncio.to_thread(migrate.head_revision) or ""
     # The hash an unknown user's password is checked against, made off the loop.
     await app[PASSWORDS].prepare()

@@ -12,12 +12,13 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy.exc import DBAPIError
 
-from . import auth, cli_outbox, devprofile, migrate
+from . import auth, cli_outbox, devprofile, migrate, relay_keys
 from .config import ConfigError, Profile, Settings
 from .logs import configure_logging
 from .operations import InvalidArgument
@@ -135,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("username")
     revoke.set_defaults(func=cmd_users_sessions_revoke)
+
+    keys = commands.add_parser(
+        "keys", help="manage relay keys (Inngest SDKs send events to POST /e/{key})"
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    key_add = key_commands.add_parser(
+        "add", help="create a key; it is printed once, alone on the last line (only a hash is kept)"
+    )
+    key_add.add_argument("name", help="the key's name: 1 to 64 letters, digits, '.', '_', '-'")
+    key_add.set_defaults(func=cmd_keys_add)
+    key_list = key_commands.add_parser("list", help="the keys' names and use (never the keys)")
+    key_list.set_defaults(func=cmd_keys_list)
+    key_revoke = key_commands.add_parser(
+        "revoke",
+        help="refuse a key: every process refuses it within RELAY_KEY_CHECK_SECONDS",
+    )
+    key_revoke.add_argument("name")
+    key_revoke.set_defaults(func=cmd_keys_revoke)
 
     cli_outbox.add_commands(commands)
     return parser
@@ -427,6 +446,78 @@ def _on_user(
     except auth.UnknownUser:
         print(f"inngest-outbox: no user {username!r}", file=sys.stderr)
         return None
+
+
+def _on_keys(settings: Settings, change: Callable[[Database], Awaitable[Any]]) -> Any:
+    migrate.require_schema_at_head(settings.database_url)
+
+    async def run() -> Any:
+        async with Database(settings.database_url) as db:
+            return await change(db)
+
+    return asyncio.run(run())
+
+
+def cmd_keys_add(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        relay_keys.validate_name(args.name)
+        key = _on_keys(
+            settings, lambda db: relay_keys.add_key(db, args.name, now=datetime.now(UTC))
+        )
+    except relay_keys.InvalidKeyName as exc:
+        print(f"inngest-outbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except relay_keys.KeyExists:
+        print(f"inngest-outbox: a key named {args.name!r} exists already", file=sys.stderr)
+        return 1
+    print(
+        f"created relay key {args.name!r}. It is shown only now: set it as INNGEST_EVENT_KEY "
+        "in the app, and INNGEST_EVENT_API_BASE_URL to this service's URL."
+    )
+    print(key)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    keys = _on_keys(settings, relay_keys.list_keys)
+    if not keys:
+        print("(no relay keys)")
+        return 0
+    rows = [["NAME", "CREATED", "LAST USED", "REVOKED"]] + [
+        [
+            k.name,
+            _when(k.created_at),
+            _when(k.last_used_at) if k.last_used_at else "never",
+            _when(k.revoked_at) if k.revoked_at else "-",
+        ]
+        for k in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        revoked = _on_keys(
+            settings, lambda db: relay_keys.revoke_key(db, args.name, now=datetime.now(UTC))
+        )
+    except relay_keys.UnknownKey:
+        print(f"inngest-outbox: no relay key {args.name!r}", file=sys.stderr)
+        return 1
+    if not revoked:
+        print(f"relay key {args.name!r} was revoked already")
+        return 0
+    print(
+        f"revoked relay key {args.name!r}; every process refuses it within "
+        f"RELAY_KEY_CHECK_SECONDS ({settings.relay_key_check_seconds:g} s)"
+    )
+    return 0
+
+
+def _when(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _read_password() -> str:

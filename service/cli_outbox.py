@@ -178,11 +178,12 @@ async def cmd_list(args: argparse.Namespace, db: Database) -> int:
         _print_json({"events": [e.as_json() for e in page.events], "nextCursor": page.next_cursor})
         return 0
     _table(
-        ["ID", "NAME", "STATUS", "ATTEMPTS", "CREATED", "LAST ERROR"],
+        ["ID", "NAME", "ORIGIN", "STATUS", "ATTEMPTS", "CREATED", "LAST ERROR"],
         [
             [
                 e.id,
                 e.name,
+                _origin(e.origin),
                 e.status,
                 str(e.attempts),
                 _time(e.created_at),
@@ -208,6 +209,7 @@ async def cmd_show(args: argparse.Namespace, db: Database) -> int:
         ("id", event.id),
         ("client's id", event.origin_id),
         ("name", event.name),
+        ("origin", _origin(event.origin)),
         ("status", event.status),
         ("attempts", str(event.attempts)),
         ("created", _time(event.created_at)),
@@ -312,6 +314,11 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _origin(origin: str | None) -> str:
+    """Where an event came from: a relay key's name, or POST /api."""
+    return f"key {origin}" if origin is not None else "api"
 
 
 def _time(value: datetime) -> str:

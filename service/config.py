@@ -50,6 +50,11 @@ class Settings:
     # How long a process trusts its last look at a session row: a logout on
     # another process takes effect here within this many seconds.
     session_check_seconds: float = 5.0
+    # How long a process trusts its last look at a relay key: `keys revoke` on
+    # another process takes effect here within this many seconds.
+    relay_key_check_seconds: float = 5.0
+    # A request to POST /e/{key} (an SDK's batch of events) may be this large.
+    relay_max_body_bytes: int = 1024 * KIB
     # Failed logins per (username, address) and per address within the window;
     # past them, 429. Per username alone logins only slow down, up to the cap.
     login_max_failures: int = 10
@@ -118,6 +123,8 @@ class Settings:
             session_idle_seconds=_int(env, "SESSION_IDLE_SECONDS", 8 * 3600, 0),
             session_cookie_secure=_bool(env, "SESSION_COOKIE_SECURE", production),
             session_check_seconds=_float(env, "SESSION_CHECK_SECONDS", 5.0, 0.0),
+            relay_key_check_seconds=_float(env, "RELAY_KEY_CHECK_SECONDS", 5.0, 0.0),
+            relay_max_body_bytes=_int(env, "RELAY_MAX_BODY_BYTES", 1024 * KIB, 1024),
             login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 10, 1),
             login_failure_window_seconds=_int(env, "LOGIN_FAILURE_WINDOW_SECONDS", 900, 1),
             login_slowdown_max_seconds=_float(env, "LOGIN_SLOWDOWN_MAX_SECONDS", 10.0, 0.0),

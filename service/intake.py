@@ -11,6 +11,9 @@ a fraction of the fsyncs.
 
 A transaction holds whole submissions: a document row and its outbox row are
 always written together or not at all, whatever is cancelled or fails.
+
+Relay requests (POST /e/{key}: a request's events, no document) share the
+same commits in batches of their own, a whole request in one transaction.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import outbox
-from .store.contract import Accepted, IdempotencyKeyReused, IntakeError, Submission
+from .store.contract import (
+    Accepted,
+    IdempotencyKeyReused,
+    IntakeError,
+    Relayed,
+    RelayRequest,
+    Submission,
+)
 from .store.database import Database, RowsRefused, Written
 from .store.errors import DatabaseClosed
 
@@ -35,11 +45,17 @@ __all__ = [
     "IntakeClosed",
     "IntakeError",
     "Overloaded",
+    "Relayed",
+    "RelayRequest",
     "StorageUnavailable",
     "Submission",
 ]
 
 log = logging.getLogger(__name__)
+
+# A relay batch ends at this many events (or at the batch limit's requests),
+# so that one transaction stays short however large the requests.
+RELAY_BATCH_EVENTS = 10_000
 
 
 class Overloaded(IntakeError):
@@ -56,8 +72,8 @@ class IntakeClosed(IntakeError):
 
 @dataclass(slots=True)
 class _Pending:
-    submission: Submission
-    future: asyncio.Future[Accepted]
+    submission: Submission | RelayRequest
+    future: asyncio.Future[Any]
 
 
 class HandOffTarget(Protocol):
@@ -85,6 +101,7 @@ class DocumentIntake:
     ) -> None:
         self._db = db
         self._waiting: collections.deque[_Pending] = collections.deque()
+        self._relays: collections.deque[_Pending] = collections.deque()
         self._flush_scheduled = False
         self._in_flight = 0  # batches given to the database, not yet answered
         self._batches_in_flight = batches_in_flight
@@ -110,6 +127,16 @@ class DocumentIntake:
 
     async def submit(self, submission: Submission) -> Accepted:
         """Write the submission durably; return once it is committed."""
+        return await self._enqueue(submission, self._waiting)  # type: ignore[no-any-return]
+
+    async def relay(self, request: RelayRequest) -> Relayed:
+        """Write the request's events durably (those whose id the outbox does
+        not hold yet); return once they are committed."""
+        return await self._enqueue(request, self._relays)  # type: ignore[no-any-return]
+
+    async def _enqueue(
+        self, submission: Submission | RelayRequest, queue: collections.deque[_Pending]
+    ) -> Any:
         if self._closed or not self._started:
             raise IntakeClosed()
         # The bound counts every request waiting for its commit, queued or in
@@ -119,7 +146,7 @@ class DocumentIntake:
         # The loop captured at start: asyncio.get_running_loop() makes a
         # getpid() system call on every call in Python 3.11.
         pending = _Pending(submission, self._loop.create_future())
-        self._waiting.append(pending)
+        queue.append(pending)
         self._outstanding += 1
         if not self._flush_scheduled:
             # Whatever arrives until the loop comes round goes in one batch.
@@ -140,10 +167,10 @@ class DocumentIntake:
     async def close(self) -> None:
         """Commit what is waiting, then refuse more."""
         self._closed = True
-        while self._waiting or self._in_flight:
+        while self._waiting or self._relays or self._in_flight:
             self._idle.clear()
             self._flush()
-            if self._waiting or self._in_flight:
+            if self._waiting or self._relays or self._in_flight:
                 await self._idle.wait()
 
     def _flush(self) -> None:
@@ -159,8 +186,23 @@ class DocumentIntake:
                     batch.append(pending)
             if batch:
                 self._commit_split(batch)
-        if not self._waiting and not self._in_flight:
+            if self._relays and self._in_flight < self._batches_in_flight:
+                self._commit_relays()  # one batch each in turn: neither waits for the other
+        while self._relays and self._in_flight < self._batches_in_flight:
+            self._commit_relays()
+        if not self._waiting and not self._relays and not self._in_flight:
             self._idle.set()
+
+    def _commit_relays(self) -> None:
+        batch: list[_Pending] = []
+        events = 0
+        while self._relays and len(batch) < self._batch_limit and events < RELAY_BATCH_EVENTS:
+            pending = self._relays.popleft()
+            if not pending.future.done():
+                batch.append(pending)
+                events += len(pending.submission.events)  # type: ignore[union-attr]
+        if batch:
+            self._commit(batch)
 
     def _commit_split(self, batch: list[_Pending]) -> None:
         """Requests with an Idempotency-Key need a statement each (the key may
@@ -196,7 +238,10 @@ class DocumentIntake:
             self._committed(batch, target, hand_off, outcome, error)
 
         try:
-            self._db.insert_submissions(batch, hand_off, done)
+            if isinstance(batch[0].submission, RelayRequest):
+                self._db.insert_relayed(batch, hand_off, done)
+            else:
+                self._db.insert_submissions(batch, hand_off, done)
         except Exception as error:  # closed, or the rows failed to encode: nothing written
             self._committed(batch, target, hand_off, None, error)
 
@@ -228,7 +273,7 @@ class DocumentIntake:
     def _answer(
         self,
         batch: list[_Pending],
-        results: list[Accepted | IntakeError | None],
+        results: list[Accepted | Relayed | IntakeError | None],
         fresh: list[outbox.NewEvent],
         *,
         handed_off: bool,

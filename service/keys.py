@@ -11,6 +11,7 @@ from .config import Settings
 from .delivery.worker import DeliveryWorker
 from .intake import DocumentIntake
 from .metrics import Metrics
+from .relay_keys import RelayKeys
 from .storage import S3CredentialChecker
 from .store.database import Database
 from .web.readiness import RevisionCheck
@@ -18,6 +19,7 @@ from .web.readiness import RevisionCheck
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 INTAKE = web.AppKey("intake", DocumentIntake)
+RELAY_KEYS = web.AppKey("relay_keys", RelayKeys)
 S3_CHECKER = web.AppKey("s3_checker", S3CredentialChecker)
 # Set on every commit of new outbox rows; the in-process worker waits on it.
 WAKE = web.AppKey("wake", asyncio.Event)

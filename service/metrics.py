@@ -72,6 +72,20 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # Labelled by relay key name: operators create the names, so they stay few.
+        self.relay_received = Counter(
+            f"{PREFIX}_relay_events_received",
+            "Events in valid requests to POST /e/{key}, by key name",
+            ["key"],
+            registry=r,
+        )
+        self.relay_stored = Counter(
+            f"{PREFIX}_relay_events_stored",
+            "Relayed events written to the outbox, by key name (an id the outbox "
+            "held already is received, not stored)",
+            ["key"],
+            registry=r,
+        )
         self._outbox_read_at: float | None = None
 
     def outbox_due(self, now: float) -> bool:

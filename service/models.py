@@ -49,6 +49,10 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 EventText = sa.JSON()
 # SQLite's INTEGER PRIMARY KEY is the rowid; BIGINT would not autoincrement.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# Event ids chosen by a relayed event's sender may be longer than a UUID. SQLite
+# ignores a VARCHAR's length, and its tables keep their first declaration.
+EventId = sa.String(255).with_variant(sa.String(36), "sqlite")
+MAX_EVENT_ID_LENGTH = 255
 
 users = sa.Table(
     "users",
@@ -80,7 +84,8 @@ documents = sa.Table(
 outbox = sa.Table(
     "outbox",
     metadata,
-    sa.Column("id", sa.String(36), primary_key=True),  # the Inngest event id
+    # The Inngest event id: ours (a UUID), or one chosen by a relayed event's sender.
+    sa.Column("id", EventId, primary_key=True),
     sa.Column("event_name", sa.String(255), nullable=False),
     sa.Column("payload", EventText, nullable=False),  # the whole event, as sent
     sa.Column("status", sa.String(16), nullable=False),
@@ -94,7 +99,9 @@ outbox = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("delivered_at", UTCDateTime, nullable=True),
     # The id the client was given, once a replay with --new-id changed ``id``.
-    sa.Column("origin_id", sa.String(36), nullable=True),
+    sa.Column("origin_id", EventId, nullable=True),
+    # The name of the relay key that sent the event (POST /e/{key}); NULL: POST /api.
+    sa.Column("origin", sa.String(64), nullable=True),
     sa.CheckConstraint(
         "status IN ('pending', 'sending', 'delivered', 'failed')", name="status_valid"
     ),
@@ -141,7 +148,7 @@ outbox_history = sa.Table(
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
     sa.Column(
         "event_id",
-        sa.String(36),
+        EventId,
         sa.ForeignKey("outbox.id", ondelete="CASCADE", onupdate="CASCADE"),
         nullable=False,
     ),
@@ -173,6 +180,19 @@ sessions = sa.Table(
 )
 sa.Index("ix_sessions_user_id", sessions.c.user_id)
 sa.Index("ix_sessions_expires_at", sessions.c.expires_at)
+
+# Keys that Inngest SDKs send events with (POST /e/{key}); only a hash of each.
+relay_keys = sa.Table(
+    "relay_keys",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),  # SHA-256, hex
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    # Set by the transaction that stores the key's events.
+    sa.Column("last_used_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+)
 
 # Failed logins per key ("user:NAME", "ip:ADDR"), counted over a sliding window.
 login_failures = sa.Table(

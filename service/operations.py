@@ -261,6 +261,7 @@ class EventSummary:
     delivered_at: datetime | None
     last_status_code: int | None
     last_error: str | None
+    origin: str | None  # the relay key's name that sent it (None: POST /api)
 
     def as_json(self) -> dict[str, Any]:
         return _json_ready(asdict(self))
@@ -282,6 +283,7 @@ _SUMMARY_COLUMNS = (
     outbox_table.c.delivered_at,
     outbox_table.c.last_status_code,
     sa.func.substr(outbox_table.c.last_error, 1, LIST_ERROR_CHARS),
+    outbox_table.c.origin,
 )
 
 
@@ -347,6 +349,7 @@ class EventDetail:
     lease_expires_at: datetime | None
     last_status_code: int | None
     last_error: str | None
+    origin: str | None  # the relay key's name that sent it (None: POST /api)
     event: Any  # the event as sent to Inngest
     document_name: str | None
     user_id: int | None
@@ -375,6 +378,7 @@ async def get_event(db: Database, event_id: str) -> EventDetail | None:
         o.c.lease_expires_at,
         o.c.last_status_code,
         o.c.last_error,
+        o.c.origin,
         sa.cast(o.c.payload, sa.Text),
     )
     async with db.engine.connect() as conn:
@@ -407,8 +411,8 @@ async def get_event(db: Database, event_id: str) -> EventDetail | None:
             )
         ]
     return EventDetail(
-        *row[:12],
-        event=json.loads(row[12]),
+        *row[:13],
+        event=json.loads(row[13]),
         document_name=document[0] if document else None,
         user_id=document[1] if document else None,
         username=document[2] if document else None,

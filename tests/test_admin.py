@@ -141,7 +141,9 @@ async def test_list_pages_with_a_cursor_and_filters(admin: TestClient, db: Datab
         "deliveredAt",
         "lastStatusCode",
         "lastError",
+        "origin",
     }
+    assert event["origin"] is None  # posted to /api
 
 
 @pytest.mark.parametrize(

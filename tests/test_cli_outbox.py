@@ -68,8 +68,10 @@ async def test_status_list_show_replay_and_purge(
     code, out, _ = await acli("list", "--limit", "4", env=env, cwd=cwd)
     newest_first = sorted(failed + delivered + [pending], reverse=True)
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "STATUS", "ATTEMPTS", "CREATED", "LAST", "ERROR"]
+    header = ["ID", "NAME", "ORIGIN", "STATUS", "ATTEMPTS", "CREATED", "LAST", "ERROR"]
+    assert lines[0].split() == header
     assert [line.split()[0] for line in lines[1:5]] == newest_first[:4]
+    assert [line.split()[2] for line in lines[1:5]] == ["api"] * 4  # posted to /api
     assert lines[-1] == f"more: add --cursor {newest_first[3]}"
     code, out, _ = await acli(
         "list", "--limit", "4", "--cursor", newest_first[3], "--json", env=env, cwd=cwd
@@ -80,12 +82,14 @@ async def test_status_list_show_replay_and_purge(
     assert code == 0
     assert f"id                {failed[0]}\n" in out
     assert "status            failed\n" in out
+    assert "origin            api\n" in out
     assert f'"id": "{failed[0]}"' in out  # the event as sent
     assert "history:\nAT" in out and POISON_ERROR in out
     code, out, _ = await acli("show", failed[0], "--json", env=env, cwd=cwd)
     shown = json.loads(out)
     assert [h["kind"] for h in shown["history"]] == ["failed"]
     assert shown["event"]["id"] == failed[0]
+    assert shown["origin"] is None
     code, out, err = await acli("show", "no-such-id", env=env, cwd=cwd)
     assert (code, out, err) == (1, "", "inngest-outbox: no event 'no-such-id' in the outbox\n")
 

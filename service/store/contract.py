@@ -118,6 +118,22 @@ class Accepted:
     replayed: bool = False
 
 
+@dataclass(slots=True)
+class RelayRequest:
+    """One request to POST /e/{key}: its events are stored together or not at all."""
+
+    origin: str  # the relay key's name
+    events: list[NewEvent]
+    received_at: datetime
+
+
+@dataclass(slots=True)
+class Relayed:
+    # Events written by this request; the others' ids were in the outbox already
+    # (a client's retry, an id sent twice).
+    stored: int
+
+
 class IntakeError(Exception):
     """Base class of what a submission can fail with."""
 

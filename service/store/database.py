@@ -125,6 +125,17 @@ class Database:
         row was refused). A batch is either all with Idempotency-Keys or none."""
         raise NotImplementedError
 
+    def insert_relayed(
+        self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
+    ) -> None:
+        """Write the events of every relay request (RelayRequest) of ``batch`` in
+        one transaction, each with its key's name as origin, leaving out those
+        whose id is in the outbox already (atomically: INSERT ... ON CONFLICT
+        DO NOTHING), and mark the keys used; ``done(Written, None)`` once
+        committed (each request's Relayed; the events written), ``done(None,
+        error)`` if nothing was."""
+        raise NotImplementedError
+
     def enqueue(
         self, conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None
     ) -> None:

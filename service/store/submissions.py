@@ -1,6 +1,6 @@
 """The intake's rows as SQLAlchemy statements: documents with an
-Idempotency-Key (the key may be taken), and every document on a backend
-without a faster path. Run inside the caller's transaction."""
+Idempotency-Key (the key may be taken), every document on a backend without a
+faster path, and relayed events. Run inside the caller's transaction."""
 
 from __future__ import annotations
 
@@ -10,8 +10,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..models import documents
-from .contract import Accepted, HandOff, IdempotencyKeyReused, IntakeError, NewEvent, Submission
+from ..models import documents, relay_keys
+from .contract import (
+    Accepted,
+    HandOff,
+    IdempotencyKeyReused,
+    IntakeError,
+    NewEvent,
+    Relayed,
+    RelayRequest,
+    Submission,
+)
 from .database import PendingSubmission, Written
 
 # The dialect's INSERT construct (it has on_conflict_do_nothing).
@@ -88,3 +97,50 @@ def _document_row(sub: Submission) -> dict[str, object]:
         "request_hash": sub.request_hash,
         "created_at": sub.event.created_at,
     }
+
+
+# Inserts relayed events with their origins, skipping ids already in the outbox;
+# the ids it wrote.
+InsertRelayed = Callable[[Connection, list[tuple[NewEvent, str]], HandOff | None], set[str]]
+
+
+def write_relayed(
+    conn: Connection,
+    batch: Sequence[PendingSubmission],
+    hand_off: HandOff | None,
+    *,
+    insert: InsertRelayed,
+    before_commit: Callable[[], None] | None = None,
+) -> Written:
+    """The events of every relay request not cancelled before its transaction
+    began; each request's result, and the events written. An id met twice (in
+    the outbox already, or earlier in the batch) is written once, and counted
+    as stored by the first request that holds it."""
+    requests: list[RelayRequest | None] = [
+        None if p.future.cancelled() else p.submission for p in batch
+    ]
+    kept = [r for r in requests if r is not None]
+    rows = [(event, r.origin) for r in kept for event in r.events]
+    written = insert(conn, rows, hand_off) if rows else set()
+    if kept:
+        conn.execute(
+            relay_keys.update()
+            .where(relay_keys.c.name.in_(sorted({r.origin for r in kept})))
+            .values(last_used_at=max(r.received_at for r in kept))
+        )
+    if before_commit is not None:
+        before_commit()
+    results: list[Relayed | None] = []
+    fresh: list[NewEvent] = []
+    for request in requests:
+        if request is None:
+            results.append(None)
+            continue
+        stored = 0
+        for event in request.events:
+            if event.id in written:
+                written.discard(event.id)  # the first to hold it
+                fresh.append(event)
+                stored += 1
+        results.append(Relayed(stored))
+    return results, fresh

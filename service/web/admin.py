@@ -9,6 +9,7 @@ import html
 import secrets
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from aiohttp import web
@@ -244,14 +245,21 @@ def _stats_table(stats: operations.Stats) -> str:
     )
 
 
+def _origin(origin: str | None) -> str:
+    """Where an event came from: a relay key's name, or POST /api."""
+    return f"key {origin}" if origin is not None else "api"
+
+
 def _failed_row(event: operations.EventSummary) -> str:
     event_id = html.escape(event.id)
     return (
         f'<tr data-id="{event_id}">'
         f'<td><input type="checkbox" class="pick" value="{event_id}" '
         f'aria-label="select {event_id}"></td>'
-        f'<td><a href="/admin/api/events/{event_id}"><code>{event_id}</code></a></td>'
+        f'<td><a href="/admin/api/events/{html.escape(quote(event.id, safe=""))}">'
+        f"<code>{event_id}</code></a></td>"
         f"<td>{html.escape(event.name)}</td>"
+        f"<td>{html.escape(_origin(event.origin))}</td>"
         f"<td>{event.attempts}</td>"
         f"<td>{html.escape(event.last_error or '')}</td>"
         f'<td><button class="replay-one" data-id="{event_id}">Replay</button></td>'
@@ -387,6 +395,6 @@ _ADMIN_PAGE = """<h1>inngest-outbox admin</h1>
 <button id="replay-selected">Replay selected</button></p>
 <table id="failed">
 <thead><tr><th><input type="checkbox" id="pick-all" aria-label="select all"></th>
-<th>id</th><th>name</th><th>attempts</th><th>last error</th><th></th></tr></thead>
+<th>id</th><th>name</th><th>origin</th><th>attempts</th><th>last error</th><th></th></tr></thead>
 <tbody>{rows}</tbody>
 </table>"""

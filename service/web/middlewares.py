@@ -31,11 +31,22 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def shown_path(request: web.BaseRequest) -> str:
+    """The request's path as logs and error bodies show it: a relay key in the
+    path (POST /e/{key}) is a secret."""
+    path = request.path
+    if path.startswith("/e/"):
+        return "/e/{key}"
+    return path
+
+
 class RequestIdAccessLogger(AccessLogger):
     """aiohttp writes the access line after the middleware has returned (and reset
     the request id): take the id back from the response for that line."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path.startswith("/e/"):
+            request = request.clone(rel_url="/e/REDACTED")  # the key is a secret
         token = request_id_var.set(response.headers.get("X-Request-Id", "-"))
         try:
             super().log(request, response, time)
@@ -60,29 +71,29 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 _check_origin(request)
             response = await handler(request)
         except Problem as problem:
-            response = problem.response(request.path)
+            response = problem.response(shown_path(request))
         except web.HTTPException as exc:
             if exc.status < 400:
                 exc.headers["X-Request-Id"] = request_id
                 _observe(request, exc.status, started)
                 raise
-            response = from_http_exception(exc).response(request.path)
+            response = from_http_exception(exc).response(shown_path(request))
         except Exception as exc:
             if is_unavailable(exc):
                 # The database went away under a read (a session check, a
                 # list): the same answer as a write that could not commit.
-                log.error("database unavailable in %s %s: %s", request.method, request.path,
+                log.error("database unavailable in %s %s: %s", request.method, shown_path(request),
                           type(exc).__name__)  # fmt: skip
-                response = database_unavailable().response(request.path)
+                response = database_unavailable().response(shown_path(request))
             else:
                 # Never echo exception text: it can hold data and secrets.
-                log.exception("unhandled error in %s %s", request.method, request.path)
+                log.exception("unhandled error in %s %s", request.method, shown_path(request))
                 response = Problem(
                     500,
                     "internal_error",
                     "Internal server error",
                     f"Quote request id {request_id} when reporting this.",
-                ).response(request.path)
+                ).response(shown_path(request))
         response.headers["X-Request-Id"] = request_id
         _observe(request, response.status, started)
         return response

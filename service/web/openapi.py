@@ -82,6 +82,27 @@ SPEC: dict[str, Any] = {
             },
         },
         "schemas": {
+            "InngestEvent": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "data": {"type": "object"},
+                    "user": {"type": "object"},
+                    "id": {"type": "string"},
+                    "ts": {"type": "integer", "description": "milliseconds since the epoch"},
+                    "v": {"type": "string"},
+                },
+            },
+            "InngestAnswer": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {
+                    "ids": {"type": "array", "items": {"type": "string"}},
+                    "status": {"type": "integer"},
+                    "error": {"type": "string"},
+                },
+            },
             "Problem": {
                 "type": "object",
                 "required": ["type", "title", "status", "code"],
@@ -301,6 +322,56 @@ SPEC: dict[str, Any] = {
                     "200": _json("The event", _ref("ClientEvent")),
                     "401": _UNAUTHENTICATED,
                     "404": _problem("Not this user's event", "event_not_found"),
+                },
+            }
+        },
+        "/e/{key}": {
+            "post": {
+                "summary": "Inngest's event API: store events durably for delivery to Inngest",
+                "description": "What Inngest SDKs send to (INNGEST_EVENT_API_BASE_URL). The key "
+                "is a relay key (`inngest-outbox keys add`). Answered once every event is "
+                "stored; errors are Inngest's shape, not problem+json.",
+                "parameters": [
+                    {
+                        "name": "key",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "A relay key",
+                    },
+                    {
+                        "name": "x-inngest-event-id-seed",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "<ms>,<base64 of 10 bytes>: a retry with the same seed "
+                        "gets the same ids",
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "oneOf": [
+                                    _ref("InngestEvent"),
+                                    {
+                                        "type": "array",
+                                        "maxItems": 5000,
+                                        "items": _ref("InngestEvent"),
+                                    },
+                                ]
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json("Stored: one id per event, in order", _ref("InngestAnswer")),
+                    "400": _json("An event breaks a rule: nothing stored", _ref("InngestAnswer")),
+                    "401": _json("Unknown or revoked key: nothing stored", _ref("InngestAnswer")),
+                    "408": _json("The body did not arrive in time", _ref("InngestAnswer")),
+                    "413": _json("The body is too large: nothing stored", _ref("InngestAnswer")),
+                    "503": _json("Not stored; retry", _ref("InngestAnswer")),
                 },
             }
         },

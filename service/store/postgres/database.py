@@ -18,7 +18,7 @@ from ...models import UTCDateTime, outbox
 from ..contract import Claim, ClaimedEvent, HandOff, NewEvent, OutboxStatus, lease_values
 from ..database import Database, Done, PendingSubmission, RowsRefused
 from ..statements import history_if_leased
-from ..submissions import write_submissions
+from ..submissions import write_relayed, write_submissions
 from .listener import NOTIFY_SQL, Listener
 
 _HISTORY_IF_LEASED = history_if_leased(typed=True)
@@ -65,6 +65,15 @@ _LEASE = (
 )
 
 
+# Relayed events: an id already in the outbox is left as it is (and the second
+# of an id met twice in one statement); RETURNING names the rows written.
+_RELAYED = (
+    postgresql.insert(outbox)
+    .on_conflict_do_nothing(index_elements=[outbox.c.id])
+    .returning(outbox.c.id)
+)
+
+
 class PostgresDatabase(Database):
     def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
         super().__init__(url, **engine_kwargs)  # rows_process: SQLite's alone
@@ -72,13 +81,6 @@ class PostgresDatabase(Database):
     def insert_submissions(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
     ) -> None:
-        def answer(result: Any, error: BaseException | None) -> None:
-            if isinstance(error, sa.exc.IntegrityError | sa.exc.DataError):
-                refused = RowsRefused(str(error))
-                refused.__cause__ = error
-                error = refused
-            done(result, error)
-
         self.submit(
             lambda conn: write_submissions(
                 conn,
@@ -88,8 +90,44 @@ class PostgresDatabase(Database):
                 enqueue=self.enqueue,
                 before_commit=self.before_commit,
             ),
-            answer,
+            _refusals_named(done),
         )
+
+    def insert_relayed(
+        self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
+    ) -> None:
+        self.submit(
+            lambda conn: write_relayed(
+                conn, batch, hand_off, insert=self._insert_relayed, before_commit=self.before_commit
+            ),
+            _refusals_named(done),
+        )
+
+    def _insert_relayed(
+        self, conn: Connection, rows: list[tuple[NewEvent, str]], hand_off: HandOff | None
+    ) -> set[str]:
+        status, owner, token, expires_at = lease_values(hand_off)
+        values = [
+            {
+                "id": e.id,
+                "event_name": e.name,
+                "payload": e.payload,
+                "origin": origin,
+                "status": status,
+                "attempts": 0,
+                "available_at": e.created_at,
+                "created_at": e.created_at,
+                "lease_owner": owner,
+                "lease_token": token,
+                "lease_expires_at": expires_at,
+            }
+            for e, origin in rows
+        ]
+        # One INSERT of many VALUES rows (SQLAlchemy's insertmanyvalues).
+        written = set(conn.scalars(_RELAYED, values))
+        if written and hand_off is None:
+            self.notify(conn)
+        return written
 
     def enqueue(
         self, conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None
@@ -158,3 +196,16 @@ class PostgresDatabase(Database):
 
     def listen(self, wake: asyncio.Event) -> Coroutine[Any, Any, None]:
         return Listener(self.url, wake).run()
+
+
+def _refusals_named(done: Done) -> Done:
+    """A refused row (a constraint, a value out of range) reaches the intake as RowsRefused."""
+
+    def answer(result: Any, error: BaseException | None) -> None:
+        if isinstance(error, sa.exc.IntegrityError | sa.exc.DataError):
+            refused = RowsRefused(str(error))
+            refused.__cause__ = error
+            error = refused
+        done(result, error)
+
+    return answer

@@ -19,7 +19,7 @@ from ..contract import Claim, HandOff, NewEvent
 from ..database import Database, Done, Job, PendingSubmission, RowsRefused, T
 from ..errors import DatabaseClosed
 from ..statements import history_if_leased
-from ..submissions import write_submissions
+from ..submissions import write_relayed, write_submissions
 from . import connection as rules
 from . import outbox_sql
 from .rows_process import RowsProcess
@@ -128,6 +128,24 @@ class SQLiteDatabase(Database):
                 before_commit=self.before_commit,
             ),
             answer,
+        )
+
+    def insert_relayed(
+        self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
+    ) -> None:
+        # A job on the writer thread (the rows process writes POST /api's rows
+        # alone): one statement for the batch's events, one for the keys' use.
+        self.submit(
+            lambda conn: write_relayed(
+                conn,
+                batch,
+                hand_off,
+                insert=lambda c, rows, lease: outbox_sql.insert_relayed(
+                    c.connection.driver_connection, rows, lease
+                ),
+                before_commit=self.before_commit,
+            ),
+            _refusals_named(done),
         )
 
     def enqueue(

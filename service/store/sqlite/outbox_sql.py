@@ -78,6 +78,32 @@ def enqueue(raw: sqlite3.Connection, events: Sequence[NewEvent], hand_off: HandO
         raw.execute(_ENQUEUE, (*lease_params(hand_off), rows))
 
 
+# -- relayed events --------------------------------------------------------------------
+
+# A row: [id, created_at, event_name, payload, origin]. ON CONFLICT DO NOTHING
+# leaves an id already in the outbox as it is (and the second of an id met
+# twice in the rows); RETURNING names the rows written. (WHERE true: without
+# it, SQLite would read ON CONFLICT as the SELECT's join constraint.)
+_RELAYED = (
+    "INSERT INTO outbox (id, created_at, available_at, event_name, payload, origin, status,"
+    " attempts, lease_owner, lease_token, lease_expires_at)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'),"
+    " json_extract(value, '$[4]'), ?, 0, ?, ?, ? FROM json_each(?) WHERE true"
+    " ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+
+
+def insert_relayed(
+    raw: sqlite3.Connection, rows: Sequence[tuple[NewEvent, str]], hand_off: HandOff | None
+) -> set[str]:
+    """New rows with their origins, in the caller's transaction; the ids written."""
+    text = json_rows(
+        (e.id, sqlite_time(e.created_at), e.name, e.payload, origin) for e, origin in rows
+    )
+    return {row[0] for row in raw.execute(_RELAYED, (*lease_params(hand_off), text))}
+
+
 # -- the intake's one statement ------------------------------------------------------
 
 # Both rows of every submission of the batches waiting for the writer by ONE

@@ -1,0 +1,80 @@
+"""POST /e/{key}: Inngest's event API, so that any Inngest SDK sends through the outbox.
+
+An SDK pointed here by INNGEST_EVENT_API_BASE_URL sends as it would to
+Inngest; the answer comes once the request's events are committed, in
+Inngest's own shape (``{"ids": [...], "status": 200}``, errors as
+``{"error": ..., "status": ...}``), not problem+json: the SDKs read that shape.
+The key is in the path: it is never logged (see middlewares.shown_path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import relay
+from ..intake import IntakeClosed, Overloaded, RelayRequest, StorageUnavailable
+from ..keys import INTAKE, METRICS, RELAY_KEYS, SETTINGS
+
+RETRY_AFTER_SECONDS = "1"
+
+
+async def receive_events(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    # The key first, as Inngest does: a wrong key learns nothing of the body's faults.
+    origin = await request.app[RELAY_KEYS].origin_of(request.match_info["key"])
+    if origin is None:
+        return _answer(401, error="Event key not found")
+    limit = settings.relay_max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return _too_large(limit)
+    try:
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(limit)
+    except TimeoutError:
+        return _answer(408, error="The request body did not arrive in time")
+    if len(raw) > limit:
+        return _too_large(limit)
+    received_at = datetime.now(UTC)
+    try:
+        events = relay.read_events(
+            raw,
+            origin=origin,
+            seed=relay.parse_seed(request.headers.get(relay.SEED_HEADER)),
+            received_at=received_at,
+            max_event_bytes=settings.max_event_bytes,
+        )
+    except relay.Refused as refused:
+        return _answer(400, error=refused.error, ids=[])
+    metrics = request.app[METRICS]
+    metrics.relay_received.labels(origin).inc(len(events))
+    if not events:
+        return _answer(200, ids=[])
+    try:
+        relayed = await request.app[INTAKE].relay(RelayRequest(origin, events, received_at))
+    except Overloaded:
+        # 5xx: the SDKs retry it, with the same ids.
+        return _answer(
+            503,
+            error="Too many requests in flight; retry shortly",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    except (StorageUnavailable, IntakeClosed):
+        return _answer(503, error="The database is unavailable; nothing was stored")
+    metrics.relay_stored.labels(origin).inc(relayed.stored)
+    return _answer(200, ids=[e.id for e in events])
+
+
+def _too_large(limit: int) -> web.Response:
+    return _answer(413, error=f"Request body is over the max size of {limit} bytes", ids=[])
+
+
+def _answer(status: int, *, headers: dict[str, str] | None = None, **fields: Any) -> web.Response:
+    body = orjson.dumps({**fields, "status": status})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
