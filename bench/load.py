@@ -88,10 +88,12 @@ def start_standin(procs: list[subprocess.Popen]) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def wrk(url: str, *, duration: int, connections: int, env: dict[str, str]) -> Run:
+def wrk(
+    url: str, *, duration: int, connections: int, env: dict[str, str], script: str = "post.lua"
+) -> Run:
     command = [
         "wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
-        "-s", str(HERE / "post.lua"), url,
+        "-s", str(HERE / script), url,
     ]  # fmt: skip
     out = subprocess.run(
         command, env={**os.environ, **env}, capture_output=True, text=True, check=True

@@ -15,8 +15,6 @@ Prints figures and ratios; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sqlite3
 import statistics
 import subprocess
@@ -35,23 +33,8 @@ from bench.load import (
     start_standin,
     stop,
     wait_for_port,
+    wrk,
 )
-
-
-def wrk(url: str, script: str, *, duration: int, connections: int, env: dict[str, str]) -> Run:
-    command = [
-        "wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
-        "-s", str(HERE / script), url,
-    ]  # fmt: skip
-    out = subprocess.run(
-        command, env={**os.environ, **env}, capture_output=True, text=True, check=True
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    ok, refused, other = map(
-        int, re.search(r"STATUS ok=(\d+) refused503=(\d+) other=(\d+)", out).groups()
-    )  # type: ignore[union-attr]
-    p50, p99 = map(float, re.search(r"LATENCY p50=([\d.]+) p99=([\d.]+)", out).groups())  # type: ignore[union-attr]
-    return Run(url, rps, p50, p99, ok, refused, other)
 
 
 def main() -> None:
@@ -99,10 +82,10 @@ def main() -> None:
                 results[name].append(
                     wrk(
                         target,
-                        script,
                         duration=args.duration,
                         connections=args.connections,
                         env=extra,
+                        script=script,
                     )
                 )
             print(
