@@ -287,9 +287,15 @@ async def test_postgres_crash_under_load_loses_nothing_and_answers_503(
     assert added.returncode == 0, added.stderr
     worker_env = {**env, "LOG_LEVEL": "INFO"}  # to see them start
     workers = [ServiceProcess(["worker"], env=worker_env, cwd=tmp_path) for _ in range(2)]
-    for worker in workers:
-        await worker.logged("delivering to")
-    api = await ServiceProcess(["serve", "--no-worker"], env=env, cwd=tmp_path).started()
+    api = ServiceProcess(["serve", "--no-worker"], env=env, cwd=tmp_path)
+    try:
+        for worker in workers:
+            await worker.logged("delivering to")
+        await api.started()
+    except BaseException:
+        for process in (api, *workers):
+            process.stop()
+        raise
     # A request that outlives this timeout fails the test: no hang.
     timeout = aiohttp.ClientTimeout(total=15)
     answers: collections.Counter[tuple[str, int]] = collections.Counter()
