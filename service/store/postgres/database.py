@@ -23,27 +23,22 @@ from .listener import NOTIFY_SQL, Listener
 
 _HISTORY_IF_LEASED = history_if_leased(typed=True)
 
+
+def _claimable(status: OutboxStatus, due: sa.Column[Any]) -> sa.Select[Any]:
+    """Rows in ``status`` whose ``due`` time has come, oldest first, skipping
+    rows another worker has locked."""
+    return (
+        sa.select(outbox.c.id)
+        .where(outbox.c.status == status, due <= sa.bindparam("now", type_=UTCDateTime))
+        .order_by(due)
+        .limit(sa.bindparam("limit"))
+        .with_for_update(skip_locked=True)
+    )
+
+
 # Statements are built once, not per call: building one costs more than running it.
-_EXPIRED = (
-    sa.select(outbox.c.id)
-    .where(
-        outbox.c.status == OutboxStatus.SENDING,
-        outbox.c.lease_expires_at <= sa.bindparam("now", type_=UTCDateTime),
-    )
-    .order_by(outbox.c.lease_expires_at)
-    .limit(sa.bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
-_DUE = (
-    sa.select(outbox.c.id)
-    .where(
-        outbox.c.status == OutboxStatus.PENDING,
-        outbox.c.available_at <= sa.bindparam("now", type_=UTCDateTime),
-    )
-    .order_by(outbox.c.available_at)
-    .limit(sa.bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
+_EXPIRED = _claimable(OutboxStatus.SENDING, outbox.c.lease_expires_at)
+_DUE = _claimable(OutboxStatus.PENDING, outbox.c.available_at)
 _LEASE = (
     outbox.update()
     .where(outbox.c.id.in_(sa.bindparam("ids", expanding=True)))
