@@ -140,21 +140,22 @@ async def test_a_write_it_had_not_committed_when_it_died_is_written_by_the_threa
 
 
 async def test_a_write_it_committed_before_it_died_is_answered_once_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: Database, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("ROWS_WRITER_TEST_EXIT_AFTER_COMMIT", "1")
-    database = open_database(f"sqlite+aiosqlite:///{tmp_path / 'rows.db'}", rows_process=True)
-    await database.start()
-    try:
-        rows = _child(database)
-        # Committed by the process, which dies before it answers: the thread
-        # finds the rows and answers ok without writing them again.
-        assert await _submit_rows(database, Numbers(1, 2)) == (1, 2)
-        assert not rows.running
-        assert await _numbers(database) == [(1, "a"), (2, "a")]
-    finally:
-        await database.close()
-        await database.engine.dispose()
+    rows = _child(db)
+    assert await _submit_rows(db, Numbers(0)) == (0,)  # its table set up
+    pid = _pid(rows)
+    await _stopped(pid)
+    stranded = _queue_rows(db, Numbers(1, 2))  # in its pipe when this returns
+    # What the process would have left had it committed the write and died
+    # before its answer: the rows in the database, no answer.
+    with sqlite3.connect(tmp_path / "rows.db", isolation_level=None) as other:
+        other.execute("INSERT INTO numbers (x, tag) VALUES (1, 'a'), (2, 'a')")
+    os.kill(pid, signal.SIGKILL)
+    # The thread finds the rows and answers ok without writing them again.
+    assert await stranded == (1, 2)
+    assert not rows.running
+    assert await _numbers(db) == [(0, "a"), (1, "a"), (2, "a")]
 
 
 async def test_close_answers_what_was_sent_before_it_ends(tmp_path: Path) -> None:
@@ -368,3 +369,139 @@ async def test_on_the_fast_path_an_answer_waits_for_its_commit(
         assert await counts(db.engine) == (1, 1)
     finally:
         blocker.close()
+
+
+def _relay_request(origin: str, *events: dict[str, object]) -> object:
+    from datetime import UTC, datetime
+
+    import orjson
+
+    from service import relay
+    from service.intake import RelayRequest
+
+    received_at = datetime.now(UTC)
+    return RelayRequest(
+        origin,
+        relay.read_events(
+            orjson.dumps(list(events)),
+            origin=origin,
+            seed=None,
+            received_at=received_at,
+            max_event_bytes=256 * 1024,
+        ),
+        received_at,
+    )
+
+
+async def _outbox_rows(db: Database) -> dict[str, tuple[str, str]]:
+    async with db.engine.connect() as conn:
+        rows = await conn.execute(sa.text("SELECT id, origin, payload FROM outbox"))
+        return {row.id: (row.origin, row.payload) for row in rows}
+
+
+async def _last_used(db: Database, name: str) -> object:
+    from service import relay_keys
+
+    (key,) = [k for k in await relay_keys.list_keys(db) if k.name == name]
+    return key.last_used_at
+
+
+async def test_relayed_events_are_written_by_the_process_with_their_keys_last_use(
+    served: tuple[Database, object, object],
+) -> None:
+    from datetime import UTC, datetime
+
+    from service import relay_keys
+    from service.intake import DocumentIntake, Relayed
+
+    db, intake, _ = served
+    assert isinstance(intake, DocumentIntake)
+    for name in ("app", "other"):
+        await relay_keys.add_key(db, name, now=datetime(2026, 1, 1, tzinfo=UTC))
+    writer = db._writer  # type: ignore[attr-defined]
+    before = writer.transactions
+    requests = [
+        _relay_request("app", {"name": "a/one", "data": {"n": 1}}, {"name": "a/two"}),
+        _relay_request("other", {"name": "o/one", "id": "client-id", "v": "2"}),
+        _relay_request("app", {"name": "a/three", "ts": 1_700_000_000_000}),
+    ]
+    results = await asyncio.gather(*(intake.relay(r) for r in requests))  # type: ignore[attr-defined]
+    assert results == [Relayed(2), Relayed(1), Relayed(1)]
+    assert writer.transactions == before  # the rows process wrote them, not the thread
+    stored = await _outbox_rows(db)
+    assert stored == {
+        e.id: (r.origin, e.payload)  # type: ignore[attr-defined]
+        for r in requests
+        for e in r.events  # type: ignore[attr-defined]
+    }
+    assert stored["client-id"][0] == "other"
+    assert await _last_used(db, "app") == requests[2].received_at  # type: ignore[attr-defined]
+    assert await _last_used(db, "other") == requests[1].received_at  # type: ignore[attr-defined]
+
+
+async def test_a_relayed_id_the_outbox_holds_is_skipped_and_the_rest_written(
+    served: tuple[Database, object, object],
+) -> None:
+    """The rows process's statement fails on the id taken; the batch is written
+    again by the thread, skipping it: the first request's row stays as it was,
+    and every other event of the batch is stored."""
+    from datetime import UTC, datetime
+
+    from service import relay_keys
+    from service.intake import DocumentIntake, Relayed
+
+    db, intake, _ = served
+    assert isinstance(intake, DocumentIntake)
+    await relay_keys.add_key(db, "app", now=datetime(2026, 1, 1, tzinfo=UTC))
+    first = _relay_request("app", {"name": "a/first", "id": "taken", "data": {"v": 1}})
+    assert await intake.relay(first) == Relayed(1)  # type: ignore[attr-defined]
+    writer = db._writer  # type: ignore[attr-defined]
+    before = writer.transactions
+    again = _relay_request(
+        "app", {"name": "a/again", "id": "taken", "data": {"v": 2}}, {"name": "a/new"}
+    )
+    beside = _relay_request("app", {"name": "a/beside"})
+    twice = _relay_request("app", {"name": "a/x", "id": "twice"}, {"name": "a/y", "id": "twice"})
+    results = await asyncio.gather(*(intake.relay(r) for r in (again, beside, twice)))  # type: ignore[attr-defined]
+    assert results == [Relayed(1), Relayed(1), Relayed(1)]
+    assert writer.transactions == before + 1  # the batch again, on the thread
+    stored = await _outbox_rows(db)
+    assert stored["taken"] == ("app", first.events[0].payload)  # type: ignore[attr-defined]
+    assert stored["twice"] == ("app", twice.events[0].payload)  # type: ignore[attr-defined]
+    assert set(stored) == {
+        "taken",
+        "twice",
+        again.events[1].id,  # type: ignore[attr-defined]
+        beside.events[0].id,  # type: ignore[attr-defined]
+    }
+
+
+async def test_relayed_events_stranded_in_the_dying_process_are_stored_once(
+    served: tuple[Database, object, object],
+) -> None:
+    from datetime import UTC, datetime
+
+    from service import relay_keys
+    from service.intake import DocumentIntake, Relayed
+
+    db, intake, _ = served
+    assert isinstance(intake, DocumentIntake)
+    await relay_keys.add_key(db, "app", now=datetime(2026, 1, 1, tzinfo=UTC))
+    assert await intake.relay(_relay_request("app", {"name": "a/warm"})) == Relayed(1)  # type: ignore[attr-defined]
+    child = _child(db)
+    pid = _pid(child)
+    os.kill(pid, signal.SIGSTOP)
+    handed = asyncio.Event()
+    submit = child.submit
+
+    def handing(rows: object, done: object) -> None:
+        submit(rows, done)  # type: ignore[arg-type]
+        handed.set()
+
+    child.submit = handing  # type: ignore[method-assign]
+    requests = [_relay_request("app", {"name": f"a/{i}"}, {"name": f"b/{i}"}) for i in range(3)]
+    stranded = [asyncio.ensure_future(intake.relay(r)) for r in requests]  # type: ignore[attr-defined]
+    await handed.wait()  # the batch is in the stopped process's pipe
+    os.kill(pid, signal.SIGKILL)
+    assert await asyncio.gather(*stranded) == [Relayed(2)] * 3
+    assert len(await _outbox_rows(db)) == 7

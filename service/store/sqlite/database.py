@@ -133,8 +133,26 @@ class SQLiteDatabase(Database):
     def insert_relayed(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
     ) -> None:
-        # A job on the writer thread (the rows process writes POST /api's rows
-        # alone): one statement for the batch's events, one for the keys' use.
+        answer = _refusals_named(done)
+
+        def written(result: Any, error: BaseException | None) -> None:
+            if not isinstance(error, sqlite3.IntegrityError):
+                answer(result, error)
+                return
+            # An id the outbox holds already (a retry, an id sent twice): the
+            # batch again, as a job that skips such ids and names what it wrote.
+            try:
+                self._insert_relayed_skipping(batch, hand_off, answer)
+            except DatabaseClosed as exc:
+                answer(None, exc)
+
+        # The hot path: one statement for the batch's events and its keys' use,
+        # written as the intake's rows are (by the rows process when running).
+        self.submit_rows(outbox_sql.RelayedRows(batch, hand_off, self.before_commit), written)
+
+    def _insert_relayed_skipping(
+        self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
+    ) -> None:
         self.submit(
             lambda conn: write_relayed(
                 conn,
@@ -145,7 +163,7 @@ class SQLiteDatabase(Database):
                 ),
                 before_commit=self.before_commit,
             ),
-            _refusals_named(done),
+            done,
         )
 
     def enqueue(

@@ -21,6 +21,8 @@ from ..contract import (
     IntakeError,
     NewEvent,
     OutboxStatus,
+    Relayed,
+    RelayRequest,
     lease_values,
 )
 from ..database import PendingSubmission, Written
@@ -32,27 +34,33 @@ PENDING, SENDING, DELIVERED = (
 )
 
 
+# The columns of a batch's lease, in lease_params's order.
+_LEASE_COLUMNS = ("status", "lease_owner", "lease_token", "lease_expires_at")
+
+
 def lease_params(hand_off: HandOff | None) -> tuple[str | None, ...]:
     """lease_values as SQLite stores them (the expiry as sqlite_time)."""
     status, owner, token, expires_at = lease_values(hand_off)
     return status, owner, token, None if expires_at is None else sqlite_time(expires_at)
 
 
-def enqueue_from(source: str, first: int, lease: Sequence[str]) -> str:
+def enqueue_from(source: str, first: int, lease: Sequence[str], *, origin: bool = False) -> str:
     """The INSERT of new rows from the JSON arrays of ``json_each(source)``. From
     element ``first`` on, each array holds the event's id, created_at (as
-    sqlite_time), name and payload; ``lease`` gives the SQL of the rows'
-    status, lease_owner, lease_token and lease_expires_at (see lease_params)."""
+    sqlite_time), name and payload, then its origin when ``origin``; ``lease``
+    gives the SQL of the rows' status, lease_owner, lease_token and
+    lease_expires_at (see lease_params)."""
 
     def element(i: int) -> str:
         return f"json_extract(value, '$[{first + i}]')"
 
     status, owner, token, expires_at = lease
     return (
-        "INSERT INTO outbox (id, created_at, available_at, event_name, payload, status,"
-        " attempts, lease_owner, lease_token, lease_expires_at)"
-        f" SELECT {element(0)}, {element(1)}, {element(1)}, {element(2)}, {element(3)},"
-        f" {status}, 0, {owner}, {token}, {expires_at} FROM json_each({source})"
+        "INSERT INTO outbox (id, created_at, available_at, event_name, payload,"
+        f"{' origin,' if origin else ''} status, attempts, lease_owner, lease_token,"
+        f" lease_expires_at) SELECT {element(0)}, {element(1)}, {element(1)}, {element(2)},"
+        f" {element(3)},{f' {element(4)},' if origin else ''} {status}, 0, {owner}, {token},"
+        f" {expires_at} FROM json_each({source})"
     )
 
 
@@ -80,10 +88,87 @@ def enqueue(raw: sqlite3.Connection, events: Sequence[NewEvent], hand_off: HandO
 
 # -- relayed events --------------------------------------------------------------------
 
-# A row: [id, created_at, event_name, payload, origin]. ON CONFLICT DO NOTHING
-# leaves an id already in the outbox as it is (and the second of an id met
-# twice in the rows); RETURNING names the rows written. (WHERE true: without
-# it, SQLite would read ON CONFLICT as the SELECT's join constraint.)
+# A row: [id, created_at, event_name, payload, origin].
+
+# The relay's hot path, RelayedRows: a batch's events and their keys' last use
+# by ONE statement into a view whose trigger writes both, as the intake's rows
+# are (below). An id already in the outbox fails the statement whole (its
+# primary key): nothing of the batch is kept, and the batch is written again
+# by insert_relayed, which skips such ids. Retries and ids sent twice are rare;
+# the statement that need not name what it wrote is the one that merges.
+RELAYED_SETUP = (
+    f"CREATE TEMP VIEW IF NOT EXISTS relay_rows (rows, {', '.join(_LEASE_COLUMNS)})"
+    " AS SELECT NULL, NULL, NULL, NULL, NULL",
+    "CREATE TEMP TRIGGER IF NOT EXISTS relay_rows_insert"
+    " INSTEAD OF INSERT ON relay_rows BEGIN "
+    + enqueue_from("NEW.rows", first=0, lease=[f"NEW.{c}" for c in _LEASE_COLUMNS], origin=True)
+    + "; UPDATE relay_keys SET last_used_at = max(coalesce(last_used_at, ''),"
+    " (SELECT max(json_extract(value, '$[1]')) FROM json_each(NEW.rows)"
+    "  WHERE json_extract(value, '$[4]') = relay_keys.name))"
+    " WHERE name IN (SELECT json_extract(value, '$[4]') FROM json_each(NEW.rows)); END",
+)
+RELAYED_INSERT = (
+    f"INSERT INTO relay_rows (rows, {', '.join(_LEASE_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+class RelayedRows:
+    """A batch of relay requests' events for the writer (writer.Rows), each
+    request's rows one text, encoded on the event loop as the batch goes."""
+
+    __slots__ = ("_batch", "_texts", "_kept", "check", "params")
+    sql = RELAYED_INSERT
+    setup = RELAYED_SETUP
+
+    def __init__(
+        self,
+        batch: Sequence[PendingSubmission],
+        hand_off: HandOff | None,
+        check: Callable[[], None] | None,
+    ) -> None:
+        self.params = lease_params(hand_off)
+        self._batch = batch
+        self._texts = [_relayed_text(p.submission) for p in batch]  # type: ignore[arg-type]
+        self._kept: list[bool] = []
+        self.check = check
+
+    def take(self) -> list[str]:
+        self._kept = [not p.future.cancelled() for p in self._batch]
+        return [text for text, kept in zip(self._texts, self._kept, strict=True) if kept and text]
+
+    def _events(self) -> list[NewEvent]:
+        batch = zip(self._batch, self._kept, strict=True)
+        return [e for p, kept in batch if kept for e in p.submission.events]  # type: ignore[attr-defined]
+
+    def committed(self, raw: sqlite3.Connection) -> bool:
+        ids = {e.id for e in self._events()}
+        (found,) = raw.execute(
+            "SELECT count(*) FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(sorted(ids)).decode(),),
+        ).fetchone()
+        # One statement wrote them all or none, and it fails if any was there.
+        return bool(ids) and found == len(ids)
+
+    def written(self) -> Written:
+        results: list[Relayed | None] = []
+        for pending, kept in zip(self._batch, self._kept, strict=True):
+            events = pending.submission.events  # type: ignore[attr-defined]
+            results.append(Relayed(len(events)) if kept else None)
+        return results, self._events()
+
+
+def _relayed_text(request: RelayRequest) -> str:
+    """The request's rows as JSON arrays joined by commas (one text, no brackets)."""
+    origin = request.origin
+    return orjson.dumps(
+        [(e.id, sqlite_time(e.created_at), e.name, e.payload, origin) for e in request.events]
+    ).decode()[1:-1]
+
+
+# ON CONFLICT DO NOTHING leaves an id already in the outbox as it is (and the
+# second of an id met twice in the rows); RETURNING names the rows written.
+# (WHERE true: without it, SQLite would read ON CONFLICT as the SELECT's join
+# constraint.)
 _RELAYED = (
     "INSERT INTO outbox (id, created_at, available_at, event_name, payload, origin, status,"
     " attempts, lease_owner, lease_token, lease_expires_at)"
@@ -97,7 +182,8 @@ _RELAYED = (
 def insert_relayed(
     raw: sqlite3.Connection, rows: Sequence[tuple[NewEvent, str]], hand_off: HandOff | None
 ) -> set[str]:
-    """New rows with their origins, in the caller's transaction; the ids written."""
+    """New rows with their origins, in the caller's transaction, skipping ids
+    already in the outbox; the ids written."""
     text = json_rows(
         (e.id, sqlite_time(e.created_at), e.name, e.payload, origin) for e, origin in rows
     )
@@ -116,7 +202,6 @@ def insert_relayed(
 # The lease (lease_params) is the batch's, a parameter of its own: the rows'
 # JSON is parsed again for every value taken from it, and the lease is four of
 # a row's ten values.
-_LEASE_COLUMNS = ("status", "lease_owner", "lease_token", "lease_expires_at")
 SUBMISSIONS_SETUP = (
     f"CREATE TEMP VIEW IF NOT EXISTS intake_rows (rows, {', '.join(_LEASE_COLUMNS)})"
     " AS SELECT NULL, NULL, NULL, NULL, NULL",

@@ -40,18 +40,13 @@ def main(argv: list[str]) -> None:
     # here they would come before an answer, with an fsync of the database.
     conn.execute("PRAGMA wal_autocheckpoint=0")
     _reply(answers, [[0, None]])
-    # Tests: die between a commit and its answer.
-    die_after_commit = os.environ.get("ROWS_WRITER_TEST_EXIT_AFTER_COMMIT") == "1"
     set_up: set[str] = set()  # the SQL whose setup has worked
     buffer = bytearray()
     while chunk := os.read(0, 1 << 20):
         buffer += chunk
         writes = [orjson.loads(frame) for frame in frames(buffer)]
         if writes:
-            replies = _write(conn, writes, busy_timeout_ms / 1000, set_up)
-            if die_after_commit:
-                os._exit(1)
-            _reply(answers, replies)
+            _reply(answers, _write(conn, writes, busy_timeout_ms / 1000, set_up))
     conn.close()
 
 

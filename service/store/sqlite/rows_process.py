@@ -46,9 +46,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 30.0
-_CHILD_ENV = frozenset(
-    {"PATH", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR", "ROWS_WRITER_TEST_EXIT_AFTER_COMMIT"}
-)
+_CHILD_ENV = frozenset({"PATH", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR"})
 
 
 class RowsProcess:
