@@ -105,9 +105,35 @@ async def test_a_single_event_object_is_taken_as_inngest_takes_it(
     assert [row["id"] for row in await rows(engine)] == ["only-one"]
 
 
-async def test_an_empty_batch_is_answered_with_no_ids(relay_client: TestClient, key: str) -> None:
+async def test_an_empty_batch_is_answered_as_inngest_answers_it(
+    relay_client: TestClient, key: str, engine: AsyncEngine
+) -> None:
     response = await relay_client.post(f"/e/{key}", json=[])
-    assert (response.status, await response.json()) == (200, {"ids": [], "status": 200})
+    assert (response.status, await response.json()) == (200, {"ids": [""], "status": 200})
+    assert await rows(engine) == []
+
+
+async def test_a_body_that_trickles_in_is_408_stores_nothing_and_ends_the_connection(
+    aiohttp_client, settings: Settings, key: str, engine: AsyncEngine
+) -> None:
+    client = await aiohttp_client(create_app(settings.replace(body_timeout_seconds=0.3)))
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(
+            f"POST /e/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            'Content-Length: 100\r\n\r\n[{"name": '.encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"\r\nConnection: close\r\n" in head
+    assert json.loads(body) == {"error": "The request body did not arrive in time", "status": 408}
+    assert await rows(engine) == []
 
 
 async def test_an_unknown_key_is_refused_and_nothing_is_stored(

@@ -14,10 +14,22 @@ from ..keys import SETTINGS
 from .problems import Problem
 
 
-async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
-    _require_json_content_type(request)
+class BodyTooLarge(Exception):
+    """The body is over its limit (by its Content-Length, or as it arrived)."""
+
+
+class BodyTooSlow(Exception):
+    """The body did not arrive within the settings' body_timeout_seconds."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the body took longer than {timeout:g} seconds to arrive")
+        self.timeout = timeout
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole body, at most ``max_bytes``; BodyTooLarge or BodyTooSlow."""
     if request.content_length is not None and request.content_length > max_bytes:
-        raise _too_large(max_bytes)
+        raise BodyTooLarge()
     try:
         if request.content.is_eof():
             # The whole body came with the headers (nearly every request):
@@ -26,9 +38,26 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
         else:
             raw = await _read_slow_body(request)
     except web.HTTPRequestEntityTooLarge:
-        raise _too_large(max_bytes) from None
+        raise BodyTooLarge() from None
     if len(raw) > max_bytes:
-        raise _too_large(max_bytes)
+        raise BodyTooLarge()
+    return raw
+
+
+async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    _require_json_content_type(request)
+    try:
+        raw = await read_body(request, max_bytes)
+    except BodyTooLarge:
+        raise _too_large(max_bytes) from None
+    except BodyTooSlow as slow:
+        raise Problem(
+            408,
+            "request_timeout",
+            "The body did not arrive in time",
+            f"The request body took longer than {slow.timeout:g} seconds to arrive.",
+            close=True,
+        ) from None
     return parse_json_object(raw)
 
 
@@ -41,13 +70,7 @@ async def _read_slow_body(request: web.Request) -> bytes:
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:
-        raise Problem(
-            408,
-            "request_timeout",
-            "The body did not arrive in time",
-            f"The request body took longer than {timeout:g} seconds to arrive.",
-            close=True,
-        ) from None
+        raise BodyTooSlow(timeout) from None
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
