@@ -20,7 +20,7 @@ from service.delivery.inngest import (
     Transient,
     Unavailable,
 )
-from tests.fakes.inngest import POISON_ERROR, QUEUE_ERROR, QUEUE_TIMEOUT
+from tests.fakes.inngest import MAX_EVENTS, POISON_ERROR, QUEUE_ERROR, QUEUE_TIMEOUT, StandIn
 
 ID = "01JF3Z6ZK7M0S6Q4Y4N3T5V8WX"
 
@@ -34,6 +34,21 @@ async def client() -> InngestClient:
 def answer(client: InngestClient, status: int, body: object, count: int = 3) -> Outcome:
     text = body if isinstance(body, str) else json.dumps(body) + "\n"
     return client._classify(status, text, count, None)
+
+
+async def test_the_answer_to_a_batch_of_the_most_events_is_read_whole(inngest: StandIn) -> None:
+    """Its ids alone are over 140 kB: an answer cut short would read as no
+    delivery, and the batch would be sent again and again."""
+    payloads = [json.dumps({"name": "big/batch", "id": f"event-{i}"}) for i in range(MAX_EVENTS)]
+    async with aiohttp.ClientSession() as session:
+        client = InngestClient(
+            session,
+            base_url=inngest.base_url,  # type: ignore[attr-defined]
+            event_key=inngest.event_key,
+        )
+        assert await client.send(payloads) == Accepted()
+    assert inngest.request_count == 1
+    assert [e["id"] for e in inngest.accepted] == [f"event-{i}" for i in range(MAX_EVENTS)]
 
 
 def test_200_with_one_id_an_event_is_delivered(client: InngestClient) -> None:

@@ -19,7 +19,10 @@ from .. import __version__
 from .backoff import parse_retry_after
 
 MAX_RECORDED_BODY = 2000
+# What is read of an answer: its error, or one id per event sent (Inngest's
+# ids are 26-character ULIDs; 64 bytes each leaves room for any other form).
 MAX_READ_BODY = 64 * 1024
+MAX_READ_PER_EVENT = 64
 USER_AGENT = f"inngest-outbox/{__version__}"
 
 
@@ -145,7 +148,8 @@ class InngestClient:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                text = (await _read_capped(response.content)).decode("utf-8", "replace")
+                cap = MAX_READ_BODY + MAX_READ_PER_EVENT * len(payloads)
+                text = (await _read_capped(response.content, cap)).decode("utf-8", "replace")
                 return self._classify(
                     response.status, text, len(payloads), response.headers.get("Retry-After")
                 )
@@ -204,12 +208,12 @@ def _accepted(ids: object, count: int) -> int:
     return taken
 
 
-async def _read_capped(content: aiohttp.StreamReader) -> bytes:
-    """The whole body, up to MAX_READ_BODY bytes. (One read returns whatever has
+async def _read_capped(content: aiohttp.StreamReader, cap: int) -> bytes:
+    """The whole body, up to ``cap`` bytes. (One read returns whatever has
     arrived: an answer in several TCP segments would be cut short.)"""
     body = b""
-    while len(body) < MAX_READ_BODY:
-        chunk = await content.read(MAX_READ_BODY - len(body))
+    while len(body) < cap:
+        chunk = await content.read(cap - len(body))
         if not chunk:
             break
         body += chunk
