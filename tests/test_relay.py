@@ -105,6 +105,29 @@ async def test_a_single_event_object_is_taken_as_inngest_takes_it(
     assert [row["id"] for row in await rows(engine)] == ["only-one"]
 
 
+async def test_fields_are_read_in_any_case_as_go_reads_them_and_kept_as_sent(
+    relay_client: TestClient, key: str, engine: AsyncEngine
+) -> None:
+    events = [
+        {"Name": "mixed/case", "ID": "own-id", "Ts": 1_700_000_000_000, "extra": 1},
+        # The last non-null of a field spelled twice wins.
+        {"name": "first", "NAME": "second", "id": None, "Id": "later-id"},
+    ]
+    response = await relay_client.post(f"/e/{key}", json=events)
+    assert (response.status, await response.json()) == (
+        200,
+        {"ids": ["own-id", "later-id"], "status": 200},
+    )
+    stored = {row["id"]: row for row in await rows(engine)}
+    assert stored["own-id"]["event_name"] == "mixed/case"
+    assert stored["later-id"]["event_name"] == "second"
+    # Nothing added where the event had its own id and ts, in whatever case.
+    assert json.loads(stored["own-id"]["payload"]) == events[0]
+    later = json.loads(stored["later-id"]["payload"])
+    assert isinstance(later.pop("ts"), int)  # none sent: the time of receipt
+    assert later == events[1]
+
+
 async def test_an_empty_batch_is_answered_as_inngest_answers_it(
     relay_client: TestClient, key: str, engine: AsyncEngine
 ) -> None:
