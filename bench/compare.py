@@ -1,7 +1,11 @@
 """Compare this checkout's POST /api with another checkout's, under the same load.
 
     git worktree add /tmp/before <commit>
-    .venv/bin/python -m bench.compare /tmp/before [--rounds 12] [--duration 3]
+    .venv/bin/python -m bench.compare /tmp/before [--rounds 12] [--duration 3] [--relay-events N]
+
+With --relay-events N, the load is the relay's instead (POST /e/{key}, N events
+a request, a key made by `keys add` in each checkout), against a bare handler
+taking the same body.
 
 On a shared machine the speed of one run drifts by a third within minutes (the
 bare handler alone measured 11,853 to 18,779 req/s in one afternoon), so two
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,18 +48,28 @@ from bench.load import (
 )
 
 
-def start_checkout(root: Path, inngest: str, procs: list) -> tuple[str, str]:
-    """``inngest-outbox serve`` from the checkout at ``root``; its URL and a session cookie."""
+def start_checkout(root: Path, inngest: str, procs: list, relay: bool) -> tuple[str, dict]:
+    """``inngest-outbox serve`` from the checkout at ``root``; the URL to load
+    and wrk's environment (a session cookie, or none for a relay key's URL)."""
     work = scratch_dir("bench-compare-")
     env = service_env(work, inngest, PYTHONPATH=str(root))
     prepare_database(work, env)
+    key = ""
+    if relay:
+        added = subprocess.run(
+            [sys.executable, "-m", "service", "keys", "add", "bench"],
+            cwd=work, env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        key = added.stdout.strip().splitlines()[-1]
     port = free_port()
     env = service_env(work, inngest, PORT=str(port), PYTHONPATH=str(root))
     procs.append(start(["-m", "service", "serve", "--dev"], cwd=work, env=env))
     wait_for_port("127.0.0.1", port, timeout=60, process=procs[-1])
     url = f"http://127.0.0.1:{port}"
+    if relay:
+        return f"{url}/e/{key}", {}
     _, cookie = http_json(f"{url}/auth/login", {"username": "bench", "password": PASSWORD})
-    return f"{url}/api", cookie
+    return f"{url}/api", {"COOKIE": cookie}
 
 
 def main() -> None:
@@ -63,7 +78,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--relay-events", type=int, default=0, help="load POST /e/{key} with this many events"
+    )
     args = parser.parse_args()
+    relay = args.relay_events > 0
     if not (args.other / "service").is_dir():
         sys.exit(f"{args.other} is not a checkout of inngest-outbox")
 
@@ -72,19 +91,23 @@ def main() -> None:
     try:
         inngest = start_standin(procs)
         targets = {
-            "this": start_checkout(HERE.parent, inngest, procs),
-            "other": start_checkout(args.other.resolve(), inngest, procs),
+            "this": start_checkout(HERE.parent, inngest, procs, relay),
+            "other": start_checkout(args.other.resolve(), inngest, procs, relay),
         }
         bare_port = free_port()
         procs.append(start(["-m", "bench.bare", "--port", str(bare_port)], cwd=HERE.parent))
         wait_for_port("127.0.0.1", bare_port, timeout=30, process=procs[-1])
-        targets["bare"] = (f"http://127.0.0.1:{bare_port}/api", "")
-        load = {"duration": args.duration, "connections": args.connections}
+        targets["bare"] = (f"http://127.0.0.1:{bare_port}/api", {})
+        load: dict = {"duration": args.duration, "connections": args.connections}
+        if relay:
+            load["script"] = "relay.lua"
         for i in range(args.rounds):
             order = list(targets) if i % 2 == 0 else list(reversed(targets))
             for name in order:
-                url, cookie = targets[name]
-                results[name].append(wrk(url, **load, env={"COOKIE": cookie} if cookie else {}))
+                url, extra = targets[name]
+                if relay:
+                    extra = {**extra, "EVENTS": str(args.relay_events)}
+                results[name].append(wrk(url, **load, env=extra))
             print(
                 f"  round {i + 1}: "
                 + "  ".join(f"{name} {results[name][-1].rps:.0f}" for name in targets),
@@ -100,7 +123,8 @@ def main() -> None:
     def paired(a: str, b: str) -> float:
         return statistics.median(ratios(a, b))
 
-    print(f"wrk -t2 -c{args.connections}, {args.rounds} rounds of {args.duration} s each")
+    what = f"POST /e/{{key}} of {args.relay_events} events" if relay else "POST /api"
+    print(f"{what}: wrk -t2 -c{args.connections}, {args.rounds} rounds of {args.duration} s each")
     for name, label in (("this", "this checkout"), ("other", str(args.other)), ("bare", "bare")):
         runs = results[name]
         print(

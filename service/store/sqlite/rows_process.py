@@ -8,8 +8,8 @@ batch's rows (writer.Rows) down a pipe and hears back once they are committed
 (synchronous=FULL, as on the thread): only then does the intake answer.
 bench.compare, 30 rounds: 1.114 times the thread's req/s, faster in 24.
 
-Everything else (jobs, statements, Rows with a test hook) stays on the writer
-thread; the two take turns at SQLite's write lock, each polling while the
+Everything else (jobs, statements, relayed events, Rows with a test hook)
+stays on the writer thread; the two take turns at SQLite's write lock, each polling while the
 other holds it. If the process dies, each write in its hands was committed
 whole or not at all (one statement): the thread answers the committed ones
 and writes the others (database.Database._recover_rows), and takes the rows from then on.
