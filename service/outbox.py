@@ -4,7 +4,8 @@ The states, and who moves a row in and out of each, are OutboxStatus (in
 store/contract.py, the types the storage boundary shares); every move is a
 function here, so the state machine can be read in one place. What is the
 same on every backend is a statement here; what is not is a verb of the store
-(claim, enqueue, notify, the delivered mark on SQLite's driver).
+(claim, enqueue, notify, and the delivered mark that every event takes, whose
+statement is the store's: store/statements.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .store.contract import (
 )
 from .store.database import Database
 from .store.encoding import RawJSON
+from .store.statements import DELIVERED
 
 __all__ = [
     "Claim",
@@ -76,17 +78,6 @@ _BY_LEASE = sa.and_(
     outbox.c.status == OutboxStatus.SENDING,
 )
 _CLEAR_LEASE = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
-_DELIVERED = (
-    outbox.update()
-    .where(_BY_LEASE)
-    .values(
-        status=OutboxStatus.DELIVERED,
-        attempts=outbox.c.attempts + 1,
-        delivered_at=sa.bindparam("now"),
-        last_status_code=200,
-        **_CLEAR_LEASE,
-    )
-)
 _FAILED = (
     outbox.update()
     .where(_BY_LEASE)
@@ -201,11 +192,10 @@ async def _update_leased(
     if not ids:
         return 0
     values = {"ids": list(ids), "token": token, **params}
-    if history is None:
-        return await db.update_leased(statement, values)
 
     def update(conn: Connection) -> int:
-        _record_history(db, conn, token, *history)
+        if history is not None:
+            _record_history(db, conn, token, *history)
         return conn.execute(statement, values).rowcount
 
     return await db.write(update)
@@ -226,8 +216,8 @@ async def mark_delivered(
     """
     if ids and history is None:
         # Every delivery ends here: the store's fastest way.
-        return await db.mark_delivered(_DELIVERED, {"ids": list(ids), "token": token, "now": now})
-    return await _update_leased(db, _DELIVERED, ids, token, history, now=now)
+        return await db.mark_delivered(ids, token, now)
+    return await _update_leased(db, DELIVERED, ids, token, history, now=now)
 
 
 async def mark_failed(

@@ -29,6 +29,7 @@ from .contract import Claim, HandOff, NewEvent, Submission
 from .encoding import dumps
 from .errors import DatabaseClosed
 from .sqlite import connection as sqlite_rules
+from .statements import DELIVERED
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -159,13 +160,11 @@ class Database:
         ``expires_at``, committed before it returns (see outbox.claim_batch)."""
         raise NotImplementedError
 
-    async def update_leased(self, statement: Any, values: dict[str, Any]) -> int:
-        """One UPDATE of the rows a lease holds, in a transaction of its own; its row count."""
-        return await self.write(lambda conn: conn.execute(statement, values).rowcount)
-
-    async def mark_delivered(self, statement: Any, values: dict[str, Any]) -> int:
-        """``update_leased`` for the delivered mark, which every event takes."""
-        return await self.update_leased(statement, values)
+    async def mark_delivered(self, ids: Sequence[str], token: str, now: datetime) -> int:
+        """sending -> delivered at ``now`` for those of ``ids`` that lease ``token``
+        still holds, in a transaction of its own; how many it held."""
+        values = {"ids": list(ids), "token": token, "now": now}
+        return await self.write(lambda conn: conn.execute(DELIVERED, values).rowcount)
 
     @property
     def history_if_leased(self) -> Any:

@@ -1,4 +1,5 @@
-"""Statements both backends share that differ only in how their parameters are typed."""
+"""Statements both backends run as they are: the base store's delivered mark,
+and those that differ only in how their parameters are typed."""
 
 from __future__ import annotations
 
@@ -37,3 +38,24 @@ def history_if_leased(*, typed: bool) -> sa.Insert:
             outbox.c.status == OutboxStatus.SENDING,
         ),
     )
+
+
+# sending -> delivered for the rows a lease still holds (see outbox.mark_delivered):
+# the base store's mark_delivered, and the outbox's when a history entry rides along.
+DELIVERED = (
+    outbox.update()
+    .where(
+        outbox.c.id.in_(sa.bindparam("ids", expanding=True)),
+        outbox.c.lease_token == sa.bindparam("token"),
+        outbox.c.status == OutboxStatus.SENDING,
+    )
+    .values(
+        status=OutboxStatus.DELIVERED,
+        attempts=outbox.c.attempts + 1,
+        delivered_at=sa.bindparam("now"),
+        last_status_code=200,
+        lease_owner=None,
+        lease_token=None,
+        lease_expires_at=None,
+    )
+)

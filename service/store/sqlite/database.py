@@ -165,9 +165,10 @@ class SQLiteDatabase(Database):
             )
         )
 
-    async def mark_delivered(self, statement: Any, values: dict[str, Any]) -> int:
+    async def mark_delivered(self, ids: Sequence[str], token: str, now: datetime) -> int:
         # Every delivery ends here: one statement on the driver, no transaction
         # of SQLAlchemy's.
+        values = {"ids": ids, "token": token, "now": now}
         return await self.write_statement(*outbox_sql.delivered(values))
 
     @property
