@@ -172,7 +172,8 @@ class Database:
         raise NotImplementedError
 
     def minute_of(self, column: Any) -> Any:
-        """SQL for the minute a timestamp column falls in (UTC), to group by."""
+        """SQL for the minute a UTC timestamp column falls in, to group by: its
+        start, read back as an aware UTC datetime."""
         raise NotImplementedError
 
     def listen(self, wake: asyncio.Event) -> Coroutine[Any, Any, None] | None:

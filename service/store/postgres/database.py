@@ -187,7 +187,8 @@ class PostgresDatabase(Database):
         return _HISTORY_IF_LEASED
 
     def minute_of(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-        return sa.func.date_trunc("minute", sa.func.timezone("UTC", column))
+        minute = sa.func.date_trunc("minute", sa.func.timezone("UTC", column))
+        return sa.type_coerce(minute, UTCDateTime())
 
     def listen(self, wake: asyncio.Event) -> Coroutine[Any, Any, None]:
         return Listener(self.url, wake).run()

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
+from ...models import UTCDateTime
 from ..contract import Claim, HandOff, NewEvent
 from ..database import Database, Done, Job, PendingSubmission, RowsRefused, T
 from ..errors import DatabaseClosed
@@ -177,7 +178,7 @@ class SQLiteDatabase(Database):
 
     def minute_of(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         # Stored as 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC: the minute is a prefix.
-        return sa.func.substr(column, 1, 16)
+        return sa.type_coerce(sa.func.substr(column, 1, 16).concat(":00"), UTCDateTime())
 
     # -- health and life ----------------------------------------------------------
 
