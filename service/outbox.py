@@ -151,6 +151,28 @@ _PRUNE_HISTORY = outbox_history.delete().where(
 )
 
 
+# A history entry for a row, written only while the caller's lease still holds
+# it (so a late answer records nothing, as it marks nothing). The parameters
+# in the SELECT list are typed: asyncpg's dialect casts each ($1::INTEGER),
+# as PostgreSQL cannot infer a type there; SQLite needs none.
+_HISTORY_IF_LEASED = outbox_history.insert().from_select(
+    ["event_id", "at", "kind", "attempt", "status_code", "error", "actor"],
+    sa.select(
+        outbox.c.id,
+        sa.bindparam("at", type_=UTCDateTime()),
+        sa.bindparam("kind", type_=sa.String(16)),
+        sa.bindparam("attempt", type_=sa.Integer()),
+        sa.bindparam("status_code", type_=sa.Integer()),
+        sa.bindparam("error", type_=sa.Text()),
+        sa.bindparam("actor", type_=sa.String(255)),
+    ).where(
+        outbox.c.id == sa.bindparam("event_id"),
+        outbox.c.lease_token == sa.bindparam("token"),
+        outbox.c.status == OutboxStatus.SENDING,
+    ),
+)
+
+
 def _record_history(
     db: Database,
     conn: Connection,
@@ -162,7 +184,7 @@ def _record_history(
     if not attempts:
         return
     conn.execute(
-        db.history_if_leased,
+        _HISTORY_IF_LEASED,
         [
             {
                 "event_id": event_id,

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from service import auth, migrate, outbox
 from service.ids import new_event_id
-from service.models import documents, outbox_history, relay_keys
+from service.models import documents, relay_keys
 from service.models import outbox as outbox_table
 from service.store import open_database
 from service.store.contract import (
@@ -508,31 +508,6 @@ async def test_a_delivered_row_is_not_marked_again(store: Database) -> None:
     assert await outbox.mark_delivered(store, [event.id], got.token, now=T0) == 1
     assert await outbox.mark_delivered(store, [event.id], got.token, now=T0) == 0
     assert (await rows(store))[event.id].attempts == 1
-
-
-async def test_history_is_written_only_for_rows_the_lease_holds(store: Database) -> None:
-    held, lost = new_event(at=T0 - timedelta(seconds=2)), new_event(at=T0 - timedelta(seconds=1))
-    await enqueue(store, held, lost)
-    mine = await claim(store, owner="me")
-    await store.write(
-        lambda conn: conn.execute(
-            outbox_table.update().where(outbox_table.c.id == lost.id).values(lease_token="other")
-        )
-    )
-    entry = {"token": mine.token, "at": T0, "kind": "retry", "attempt": 3,
-             "status_code": 502, "error": "bad gateway ü", "actor": "worker-1"}  # fmt: skip
-    await store.write(
-        lambda conn: conn.execute(
-            store.history_if_leased,
-            [{**entry, "event_id": held.id}, {**entry, "event_id": lost.id}],
-        )
-    )
-    async with store.engine.connect() as conn:
-        history = (await conn.execute(sa.select(outbox_history))).all()
-    assert [
-        (h.event_id, h.at, h.kind, h.attempt, h.status_code, h.error, h.actor, h.detail)
-        for h in history
-    ] == [(held.id, T0, "retry", 3, 502, "bad gateway ü", "worker-1", None)]
 
 
 # -- minute_of ------------------------------------------------------------------------

@@ -166,11 +166,6 @@ class Database:
         values = {"ids": list(ids), "token": token, "now": now}
         return await self.write(lambda conn: conn.execute(DELIVERED, values).rowcount)
 
-    @property
-    def history_if_leased(self) -> Any:
-        """The INSERT of history entries for rows a lease still holds."""
-        raise NotImplementedError
-
     def minute_of(self, column: Any) -> Any:
         """SQL for the minute a UTC timestamp column falls in, to group by: its
         start, read back as an aware UTC datetime."""

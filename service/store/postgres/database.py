@@ -17,11 +17,8 @@ from sqlalchemy.engine import Connection
 from ...models import UTCDateTime, outbox
 from ..contract import Claim, ClaimedEvent, HandOff, NewEvent, OutboxStatus, lease_values
 from ..database import Database, Done, PendingSubmission, RowsRefused
-from ..statements import history_if_leased
 from ..submissions import write_relayed, write_submissions
 from .listener import NOTIFY_SQL, Listener
-
-_HISTORY_IF_LEASED = history_if_leased(typed=True)
 
 
 def _claimable(status: OutboxStatus, due: sa.Column[Any]) -> sa.Select[Any]:
@@ -181,10 +178,6 @@ class PostgresDatabase(Database):
             return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
 
         return await self.write(claim)
-
-    @property
-    def history_if_leased(self) -> sa.Insert:
-        return _HISTORY_IF_LEASED
 
     def minute_of(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         minute = sa.func.date_trunc("minute", sa.func.timezone("UTC", column))

@@ -19,7 +19,6 @@ from ...models import UTCDateTime
 from ..contract import Claim, HandOff, NewEvent
 from ..database import Database, Done, Job, PendingSubmission, RowsRefused, T
 from ..errors import DatabaseClosed
-from ..statements import history_if_leased
 from ..submissions import write_relayed, write_submissions
 from . import connection as rules
 from . import outbox_sql
@@ -27,8 +26,6 @@ from .rows_process import RowsProcess
 from .writer import Rows, SQLiteWriter
 
 log = logging.getLogger(__name__)
-
-_HISTORY_IF_LEASED = history_if_leased(typed=False)
 
 
 class SQLiteDatabase(Database):
@@ -171,10 +168,6 @@ class SQLiteDatabase(Database):
         # of SQLAlchemy's.
         values = {"ids": ids, "token": token, "now": now}
         return await self.write_statement(*outbox_sql.delivered(values))
-
-    @property
-    def history_if_leased(self) -> sa.Insert:
-        return _HISTORY_IF_LEASED
 
     def minute_of(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         # Stored as 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC: the minute is a prefix.
