@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .contract import Claim, HandOff, NewEvent, Submission
+from .contract import Claim, HandOff, NewEvent, RelayRequest, Submission
 from .encoding import dumps
 from .errors import DatabaseClosed
 from .sqlite import connection as sqlite_rules
@@ -57,10 +57,11 @@ def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Asyn
 
 
 class PendingSubmission(Protocol):
-    """A request waiting for its commit: its submission, and the future that
-    answers it (a cancelled one is left out of a transaction not yet begun)."""
+    """A request waiting for its commit: its submission (or relay request), and
+    the future that answers it (a cancelled one is left out of a transaction
+    not yet begun)."""
 
-    submission: Submission
+    submission: Submission | RelayRequest
     future: asyncio.Future[Any]
 
 
