@@ -24,6 +24,7 @@ from service.models import outbox as outbox_table
 from service.store import open_database
 from service.store.contract import (
     Accepted,
+    Claim,
     ClaimedEvent,
     HandOff,
     IdempotencyKeyReused,
@@ -135,7 +136,7 @@ def assert_new_row(row: Any, event: NewEvent, *, origin: str | None = None) -> N
     assert (row.delivered_at, row.last_error, row.last_status_code, row.origin_id) == (None,) * 4
 
 
-async def claim(store: Database, *, owner: str = "w", limit: int = 10, now: datetime = T0):  # noqa: ANN201
+async def claim(store: Database, *, owner: str = "w", limit: int = 10, now: datetime = T0) -> Claim:
     return await store.claim(
         token=str(uuid.uuid4()),
         owner=owner,
@@ -143,6 +144,23 @@ async def claim(store: Database, *, owner: str = "w", limit: int = 10, now: date
         now=now,
         expires_at=now + timedelta(seconds=30),
     )
+
+
+def test_a_backend_must_implement_every_verb_without_a_default() -> None:
+    assert Database.__abstractmethods__ == {
+        "insert_submissions",
+        "insert_relayed",
+        "enqueue",
+        "serialize",
+        "claim",
+        "minute_of",
+    }
+
+    class Partial(Database):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial("sqlite+aiosqlite://")  # type: ignore[abstract]
 
 
 # -- insert_submissions -----------------------------------------------------------
