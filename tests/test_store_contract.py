@@ -264,12 +264,15 @@ async def last_used(store: Database) -> dict[str, datetime | None]:
     return dict(found.all())
 
 
-async def test_insert_relayed_writes_each_event_with_its_origin_and_marks_its_key_used(
-    store: Database,
-) -> None:
-    await add_relay_keys(store, "app-a", "app-b", "idle")
-    a = RelayRequest("app-a", [new_event(), new_event()], T0 + timedelta(seconds=1))
-    b = RelayRequest("app-b", [new_event()], T0 + timedelta(seconds=2))
+def relay_request(origin: str, events: int, seconds: int) -> RelayRequest:
+    """As the relay makes one: its events created at its receipt."""
+    at = T0 + timedelta(seconds=seconds)
+    return RelayRequest(origin, [new_event(at=at) for _ in range(events)], at)
+
+
+async def test_insert_relayed_writes_each_event_with_its_origin(store: Database) -> None:
+    await add_relay_keys(store, "app-a", "app-b")
+    a, b = relay_request("app-a", 2, 1), relay_request("app-b", 1, 2)
     results, fresh = await written_by(store.insert_relayed, [pending(a), pending(b)])
     assert results == [Relayed(2), Relayed(1)]
     assert fresh == [*a.events, *b.events]
@@ -279,9 +282,23 @@ async def test_insert_relayed_writes_each_event_with_its_origin_and_marks_its_ke
         for event in request.events:
             assert_new_row(found[event.id], event, origin=request.origin)
             assert lease_of(found[event.id]) == ("pending", None, None, None)
-    # One transaction, one time of use: the batch's latest.
-    latest = T0 + timedelta(seconds=2)
-    assert await last_used(store) == {"app-a": latest, "app-b": latest, "idle": None}
+
+
+async def test_each_key_is_marked_used_at_its_latest_request_never_earlier(
+    store: Database,
+) -> None:
+    await add_relay_keys(store, "app-a", "app-b", "idle")
+    batch = [
+        relay_request("app-a", 1, 1),
+        relay_request("app-b", 1, 2),
+        relay_request("app-a", 2, 3),
+    ]
+    await written_by(store.insert_relayed, [pending(r) for r in batch])
+    at = {"app-a": T0 + timedelta(seconds=3), "app-b": T0 + timedelta(seconds=2), "idle": None}
+    assert await last_used(store) == at
+    # A batch that commits after a later one does not move it back.
+    await written_by(store.insert_relayed, [pending(relay_request("app-a", 1, 0))])
+    assert await last_used(store) == at
 
 
 async def test_relayed_events_under_a_hand_off_are_written_leased(store: Database) -> None:
