@@ -438,7 +438,7 @@ def _on_user(
     """``change`` on the database; None (said on stderr) when there is no such user."""
 
     async def run() -> int:
-        async with Database(settings.database_url) as db:
+        async with open_database(settings.database_url) as db:
             return await change(db)
 
     try:
@@ -452,7 +452,7 @@ def _on_keys(settings: Settings, change: Callable[[Database], Awaitable[Any]]) -
     migrate.require_schema_at_head(settings.database_url)
 
     async def run() -> Any:
-        async with Database(settings.database_url) as db:
+        async with open_database(settings.database_url) as db:
             return await change(db)
 
     return asyncio.run(run())

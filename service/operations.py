@@ -219,12 +219,7 @@ async def _per_minute(
     rows = await conn.execute(
         sa.select(bucket.label("minute"), sa.func.count()).where(*conditions).group_by("minute")
     )
-    result = {}
-    for start, count in rows:
-        if isinstance(start, str):
-            start = datetime.strptime(start, "%Y-%m-%d %H:%M")
-        result[_utc(start)] = count
-    return result
+    return {start: count for start, count in rows}
 
 
 # -- list and show --------------------------------------------------------------

@@ -4,7 +4,8 @@ The states, and who moves a row in and out of each, are OutboxStatus (in
 store/contract.py, the types the storage boundary shares); every move is a
 function here, so the state machine can be read in one place. What is the
 same on every backend is a statement here; what is not is a verb of the store
-(claim, enqueue, notify, the delivered mark on SQLite's driver).
+(claim, enqueue, notify, and the delivered mark that every event takes, whose
+statement is the store's: store/statements.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .store.contract import (
 )
 from .store.database import Database
 from .store.encoding import RawJSON
+from .store.statements import DELIVERED
 
 __all__ = [
     "Claim",
@@ -76,17 +78,6 @@ _BY_LEASE = sa.and_(
     outbox.c.status == OutboxStatus.SENDING,
 )
 _CLEAR_LEASE = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
-_DELIVERED = (
-    outbox.update()
-    .where(_BY_LEASE)
-    .values(
-        status=OutboxStatus.DELIVERED,
-        attempts=outbox.c.attempts + 1,
-        delivered_at=sa.bindparam("now"),
-        last_status_code=200,
-        **_CLEAR_LEASE,
-    )
-)
 _FAILED = (
     outbox.update()
     .where(_BY_LEASE)
@@ -160,6 +151,28 @@ _PRUNE_HISTORY = outbox_history.delete().where(
 )
 
 
+# A history entry for a row, written only while the caller's lease still holds
+# it (so a late answer records nothing, as it marks nothing). The parameters
+# in the SELECT list are typed: asyncpg's dialect casts each ($1::INTEGER),
+# as PostgreSQL cannot infer a type there; SQLite needs none.
+_HISTORY_IF_LEASED = outbox_history.insert().from_select(
+    ["event_id", "at", "kind", "attempt", "status_code", "error", "actor"],
+    sa.select(
+        outbox.c.id,
+        sa.bindparam("at", type_=UTCDateTime()),
+        sa.bindparam("kind", type_=sa.String(16)),
+        sa.bindparam("attempt", type_=sa.Integer()),
+        sa.bindparam("status_code", type_=sa.Integer()),
+        sa.bindparam("error", type_=sa.Text()),
+        sa.bindparam("actor", type_=sa.String(255)),
+    ).where(
+        outbox.c.id == sa.bindparam("event_id"),
+        outbox.c.lease_token == sa.bindparam("token"),
+        outbox.c.status == OutboxStatus.SENDING,
+    ),
+)
+
+
 def _record_history(
     db: Database,
     conn: Connection,
@@ -171,7 +184,7 @@ def _record_history(
     if not attempts:
         return
     conn.execute(
-        db.history_if_leased,
+        _HISTORY_IF_LEASED,
         [
             {
                 "event_id": event_id,
@@ -201,11 +214,10 @@ async def _update_leased(
     if not ids:
         return 0
     values = {"ids": list(ids), "token": token, **params}
-    if history is None:
-        return await db.update_leased(statement, values)
 
     def update(conn: Connection) -> int:
-        _record_history(db, conn, token, *history)
+        if history is not None:
+            _record_history(db, conn, token, *history)
         return conn.execute(statement, values).rowcount
 
     return await db.write(update)
@@ -226,8 +238,8 @@ async def mark_delivered(
     """
     if ids and history is None:
         # Every delivery ends here: the store's fastest way.
-        return await db.mark_delivered(_DELIVERED, {"ids": list(ids), "token": token, "now": now})
-    return await _update_leased(db, _DELIVERED, ids, token, history, now=now)
+        return await db.mark_delivered(ids, token, now)
+    return await _update_leased(db, DELIVERED, ids, token, history, now=now)
 
 
 async def mark_failed(

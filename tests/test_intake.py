@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -323,36 +322,6 @@ async def test_overloaded_api_answers_503_with_retry_after(
     gate.release.set()
     assert (await held).status == 200
     assert await counts(engine) == (1, 1)
-
-
-async def test_the_rows_written_are_exactly_the_submission(
-    intake: DocumentIntake, engine: AsyncEngine, user: auth.User
-) -> None:
-    sub = submission(user, "reports/q3 ünïcode ✓.pdf")
-    assert await intake.submit(sub) == Accepted(sub.event.id)
-    async with engine.connect() as conn:
-        doc = (await conn.execute(sa.select(documents))).one()
-        row = (await conn.execute(sa.select(outbox_table))).one()
-    assert (doc.user_id, doc.document_name, doc.event_id) == (
-        user.id,
-        sub.document_name,
-        sub.event.id,
-    )
-    assert (doc.idempotency_key, doc.request_hash) == (None, None)
-    created = sub.event.created_at.replace(tzinfo=None)
-    assert doc.created_at.replace(tzinfo=None) == created
-    assert (row.id, row.event_name, row.status, row.attempts) == (
-        sub.event.id,
-        "test/event",
-        "pending",
-        0,
-    )
-    payload = row.payload if isinstance(row.payload, str) else json.dumps(row.payload)
-    assert json.loads(payload) == json.loads(sub.event.payload)
-    assert row.available_at.replace(tzinfo=None) == created
-    assert row.created_at.replace(tzinfo=None) == created
-    assert (row.lease_owner, row.lease_token, row.lease_expires_at) == (None, None, None)
-    assert (row.delivered_at, row.last_error, row.last_status_code) == (None, None, None)
 
 
 async def test_keyed_and_plain_requests_in_one_batch_are_each_written_whole(

@@ -148,6 +148,29 @@ async def test_a_late_answer_writes_no_history(
     assert await history(engine, event_id) == []
 
 
+async def test_history_is_written_only_for_rows_the_lease_holds(
+    db: Database, engine: AsyncEngine
+) -> None:
+    held, lost = await enqueue(db, 2)
+    now = datetime.now(UTC)
+    mine = await outbox.claim_batch(db, owner="me", limit=2, lease_seconds=30, now=now)
+    async with engine.begin() as conn:  # another worker's lease now
+        await conn.execute(
+            outbox_table.update().where(outbox_table.c.id == lost).values(lease_token="other")
+        )
+    entry = outbox.HistoryEntry(outbox.HistoryKind.HELD, "worker-1", now, 502, "bad gateway ü")
+    released = await outbox.release(
+        db, [held, lost], mine.token, history=({held: 3, lost: 3}, entry)
+    )
+    assert released == 1
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(outbox_history))).all()
+    assert [
+        (h.event_id, h.at, h.kind, h.attempt, h.status_code, h.error, h.actor, h.detail)
+        for h in rows
+    ] == [(held, now, "held", 3, 502, "bad gateway ü", "worker-1", None)]
+
+
 # -- replay -----------------------------------------------------------------------
 
 

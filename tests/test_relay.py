@@ -34,6 +34,8 @@ from service.store.database import Database
 from service.web.middlewares import RequestIdAccessLogger
 from tests.fakes.inngest import StandIn
 from tests.support.service import poll_until
+from tests.support.wait import until
+from tests.test_intake import Gate
 
 
 def seed_header() -> str:
@@ -377,8 +379,16 @@ async def test_concurrent_requests_share_commits_and_each_is_whole(
 ) -> None:
     intake = relay_client.app[INTAKE]
     commits_before = intake.commits
+    # Every commit waits until all thirty requests are waiting for one: without
+    # that, how many arrive during a commit is a matter of timing.
+    gate = Gate()
+    relay_client.app[DATABASE].before_commit = gate
     batches = [[{"name": f"r{r}", "id": f"r{r}-e{e}"} for e in range(20)] for r in range(30)]
-    answers = await asyncio.gather(*(relay_client.post(f"/e/{key}", json=b) for b in batches))
+    posts = [asyncio.create_task(relay_client.post(f"/e/{key}", json=b)) for b in batches]
+    await until(lambda: intake.queued == 30, wait_seconds=30)
+    gate.release.set()
+    answers = await asyncio.gather(*posts)
+    relay_client.app[DATABASE].before_commit = None
     assert [a.status for a in answers] == [200] * 30
     stored = await rows(engine)
     assert len(stored) == 600

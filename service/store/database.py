@@ -1,4 +1,5 @@
-"""The process's database: ``engine`` for reads, ``write()`` for writes.
+"""The storage boundary (``Database``): ``engine`` for reads, ``write()`` for
+writes, and the verbs the domain needs, each a promise every backend keeps.
 
 Reads go through one AsyncEngine (aiosqlite or asyncpg). Writes go through
 ``Database.write(job)``, where a job is a plain function of a SQLAlchemy
@@ -15,6 +16,7 @@ backend implements its own way (``sqlite/database.py``, ``postgres/database.py``
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import logging
@@ -25,10 +27,11 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .contract import Claim, HandOff, NewEvent, Submission
+from .contract import Claim, HandOff, NewEvent, RelayRequest, Submission
 from .encoding import dumps
 from .errors import DatabaseClosed
 from .sqlite import connection as sqlite_rules
+from .statements import DELIVERED
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,10 +57,11 @@ def create_engine(url: str, *, foreign_keys: bool = True, **kwargs: Any) -> Asyn
 
 
 class PendingSubmission(Protocol):
-    """A request waiting for its commit: its submission, and the future that
-    answers it (a cancelled one is left out of a transaction not yet begun)."""
+    """A request waiting for its commit: its submission (or relay request), and
+    the future that answers it (a cancelled one is left out of a transaction
+    not yet begun)."""
 
-    submission: Submission
+    submission: Submission | RelayRequest
     future: asyncio.Future[Any]
 
 
@@ -71,10 +75,15 @@ class RowsRefused(Exception):
     and the same rows would be refused again."""
 
 
-class Database:
-    """The process's database: ``engine`` for reads, ``write()`` for writes, and
-    the verbs the domain needs. The base runs every write as a transaction of
-    its own on the async engine; a backend overrides what it does better."""
+class Database(abc.ABC):
+    """The storage boundary: ``engine`` for reads, ``write()`` for writes, and
+    the verbs the domain needs.
+
+    A backend subclasses it and implements each abstract verb; the rest have a
+    default that runs on the async engine, which a backend may override when it
+    does better. tests/test_store_contract.py is the contract: a backend
+    passes it or it is not done.
+    """
 
     def __init__(self, url: str, **engine_kwargs: Any) -> None:
         self.url = url
@@ -87,18 +96,18 @@ class Database:
         self.before_commit: Callable[[], None] | None = None
 
     async def start(self) -> None:
-        pass
+        """Start what the backend runs beside the engine (threads, processes)."""
+        return None
 
     async def write(self, job: Job[T]) -> T:
-        """Run ``job`` in a committed transaction; raise what it raised (nothing kept)."""
+        """Run ``job`` in a transaction and commit; raise what it raised, nothing kept."""
         if self._closed:
             raise DatabaseClosed()
         async with self.engine.begin() as conn:
             return await conn.run_sync(job)
 
     def submit(self, job: Job[T], done: Done) -> None:
-        """``write`` without awaiting: ``done(result, error)`` is called on this
-        event loop once the transaction has ended."""
+        """``write`` without awaiting: ``done(result, error)`` on this loop once it has ended."""
         if self._closed:
             raise DatabaseClosed()
         task = asyncio.get_running_loop().create_task(self.write(job))
@@ -114,72 +123,70 @@ class Database:
         else:
             done(task.result(), None)
 
-    # -- the verbs ----------------------------------------------------------------
+    # -- the verbs a backend implements ------------------------------------------------
 
+    @abc.abstractmethod
     def insert_submissions(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
     ) -> None:
-        """Write each submission's document and outbox rows (leased by
-        ``hand_off``, else pending) in one transaction; ``done(Written, None)``
-        once committed, ``done(None, error)`` if nothing was (RowsRefused when a
-        row was refused). A batch is either all with Idempotency-Keys or none."""
-        raise NotImplementedError
+        """Each submission's document and event in one transaction, then ``done``.
 
+        The events are pending, or leased by ``hand_off``; a request cancelled
+        before the transaction began is left out; a batch is all with
+        Idempotency-Keys (a key used before answers for its first request) or
+        none. ``done(Written, None)`` once committed; ``done(None, error)`` if
+        nothing was, RowsRefused when the database refused a row.
+        """
+
+    @abc.abstractmethod
     def insert_relayed(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
     ) -> None:
-        """Write the events of every relay request (RelayRequest) of ``batch`` in
-        one transaction, each with its key's name as origin, leaving out those
-        whose id is in the outbox already (atomically: INSERT ... ON CONFLICT
-        DO NOTHING), and mark the keys used; ``done(Written, None)`` once
-        committed (each request's Relayed; the events written), ``done(None,
-        error)`` if nothing was."""
-        raise NotImplementedError
+        """Each relay request's events, with its key's name as origin, in one transaction.
 
+        An id already in the outbox, or met earlier in the batch, is not
+        written again (counted by the first request that holds it); the keys
+        are marked used; otherwise as insert_submissions, each request's
+        result a Relayed.
+        """
+
+    @abc.abstractmethod
     def enqueue(
         self, conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None
     ) -> None:
-        """Insert new outbox rows in the caller's transaction, waking workers at
-        commit: pending, or leased by ``hand_off``."""
-        raise NotImplementedError
+        """New rows in the caller's transaction: pending (woken at commit), or ``hand_off``'s."""
 
+    @abc.abstractmethod
     def serialize(self, conn: Connection, keys: Sequence[str]) -> None:
-        """Transactions that call this with a key in common run one after the
-        other from here to their end (a count, then an insert, as one step)."""
-        raise NotImplementedError
+        """From here to their ends, transactions naming a key in common run one at a time."""
 
-    def notify(self, conn: Connection) -> None:
-        """Rows became due in the caller's transaction: wake the workers of
-        other processes at its commit (those that cannot be woken poll)."""
-
+    @abc.abstractmethod
     async def claim(
         self, *, token: str, owner: str, limit: int, now: datetime, expires_at: datetime
     ) -> Claim:
-        """Lease up to ``limit`` due rows to ``owner`` under ``token`` until
-        ``expires_at``, committed before it returns (see outbox.claim_batch)."""
-        raise NotImplementedError
+        """Lease and commit up to ``limit`` due rows, no row any other claim holds.
 
-    async def update_leased(self, statement: Any, values: dict[str, Any]) -> int:
-        """One UPDATE of the rows a lease holds, in a transaction of its own; its row count."""
-        return await self.write(lambda conn: conn.execute(statement, values).rowcount)
+        Expired leases first, then pending rows due at ``now``, each oldest first.
+        """
 
-    async def mark_delivered(self, statement: Any, values: dict[str, Any]) -> int:
-        """``update_leased`` for the delivered mark, which every event takes."""
-        return await self.update_leased(statement, values)
-
-    @property
-    def history_if_leased(self) -> Any:
-        """The INSERT of history entries for rows a lease still holds."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def minute_of(self, column: Any) -> Any:
-        """SQL for the minute a timestamp column falls in (UTC), to group by."""
-        raise NotImplementedError
+        """SQL for the UTC minute a timestamp falls in, read back as an aware datetime."""
+
+    # -- the verbs with a default ---------------------------------------------------------
+
+    def notify(self, conn: Connection) -> None:
+        """Wake other processes' workers at the caller's commit (default: none; they poll)."""
+        return None
 
     def listen(self, wake: asyncio.Event) -> Coroutine[Any, Any, None] | None:
-        """What sets ``wake`` when other processes commit rows (run as a task
-        while the worker runs), or None: the worker's poll finds them."""
+        """What sets ``wake`` at another process's notify, or None (default): the worker polls."""
         return None
+
+    async def mark_delivered(self, ids: Sequence[str], token: str, now: datetime) -> int:
+        """sending -> delivered for the rows of ``ids`` lease ``token`` holds; how many."""
+        values = {"ids": list(ids), "token": token, "now": now}
+        return await self.write(lambda conn: conn.execute(DELIVERED, values).rowcount)
 
     # -- health and life ----------------------------------------------------------
 

@@ -5,6 +5,7 @@ faster path, and relayed events. Run inside the caller's transaction."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -99,6 +100,17 @@ def _document_row(sub: Submission) -> dict[str, object]:
     }
 
 
+# Each key's last use: its own latest request, never moved back (by a batch
+# that commits after a later one).
+_KEY_USED = (
+    relay_keys.update()
+    .where(
+        relay_keys.c.name == sa.bindparam("key_name"),
+        sa.or_(relay_keys.c.last_used_at.is_(None), relay_keys.c.last_used_at < sa.bindparam("at")),
+    )
+    .values(last_used_at=sa.bindparam("at"))
+)
+
 # Inserts relayed events with their origins, skipping ids already in the outbox;
 # the ids it wrote.
 InsertRelayed = Callable[[Connection, list[tuple[NewEvent, str]], HandOff | None], set[str]]
@@ -122,12 +134,11 @@ def write_relayed(
     kept = [r for r in requests if r is not None]
     rows = [(event, r.origin) for r in kept for event in r.events]
     written = insert(conn, rows, hand_off) if rows else set()
-    if kept:
-        conn.execute(
-            relay_keys.update()
-            .where(relay_keys.c.name.in_(sorted({r.origin for r in kept})))
-            .values(last_used_at=max(r.received_at for r in kept))
-        )
+    latest: dict[str, datetime] = {}
+    for r in kept:
+        latest[r.origin] = max(r.received_at, latest.get(r.origin, r.received_at))
+    if latest:
+        conn.execute(_KEY_USED, [{"key_name": n, "at": at} for n, at in sorted(latest.items())])
     if before_commit is not None:
         before_commit()
     results: list[Relayed | None] = []

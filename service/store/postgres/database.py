@@ -17,11 +17,8 @@ from sqlalchemy.engine import Connection
 from ...models import UTCDateTime, outbox
 from ..contract import Claim, ClaimedEvent, HandOff, NewEvent, OutboxStatus, lease_values
 from ..database import Database, Done, PendingSubmission, RowsRefused
-from ..statements import history_if_leased
 from ..submissions import write_relayed, write_submissions
 from .listener import NOTIFY_SQL, Listener
-
-_HISTORY_IF_LEASED = history_if_leased(typed=True)
 
 
 def _claimable(status: OutboxStatus, due: sa.Column[Any]) -> sa.Select[Any]:
@@ -182,12 +179,9 @@ class PostgresDatabase(Database):
 
         return await self.write(claim)
 
-    @property
-    def history_if_leased(self) -> sa.Insert:
-        return _HISTORY_IF_LEASED
-
     def minute_of(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-        return sa.func.date_trunc("minute", sa.func.timezone("UTC", column))
+        minute = sa.func.date_trunc("minute", sa.func.timezone("UTC", column))
+        return sa.type_coerce(minute, UTCDateTime())
 
     def listen(self, wake: asyncio.Event) -> Coroutine[Any, Any, None]:
         return Listener(self.url, wake).run()

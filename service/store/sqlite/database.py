@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
+from ...models import UTCDateTime
 from ..contract import Claim, HandOff, NewEvent
 from ..database import Database, Done, Job, PendingSubmission, RowsRefused, T
 from ..errors import DatabaseClosed
-from ..statements import history_if_leased
 from ..submissions import write_relayed, write_submissions
 from . import connection as rules
 from . import outbox_sql
@@ -26,8 +26,6 @@ from .rows_process import RowsProcess
 from .writer import Rows, SQLiteWriter
 
 log = logging.getLogger(__name__)
-
-_HISTORY_IF_LEASED = history_if_leased(typed=False)
 
 
 class SQLiteDatabase(Database):
@@ -191,18 +189,15 @@ class SQLiteDatabase(Database):
             )
         )
 
-    async def mark_delivered(self, statement: Any, values: dict[str, Any]) -> int:
+    async def mark_delivered(self, ids: Sequence[str], token: str, now: datetime) -> int:
         # Every delivery ends here: one statement on the driver, no transaction
         # of SQLAlchemy's.
+        values = {"ids": ids, "token": token, "now": now}
         return await self.write_statement(*outbox_sql.delivered(values))
-
-    @property
-    def history_if_leased(self) -> sa.Insert:
-        return _HISTORY_IF_LEASED
 
     def minute_of(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         # Stored as 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC: the minute is a prefix.
-        return sa.func.substr(column, 1, 16)
+        return sa.type_coerce(sa.func.substr(column, 1, 16).concat(":00"), UTCDateTime())
 
     # -- health and life ----------------------------------------------------------
 
