@@ -23,6 +23,7 @@ from ..contract import (
     OutboxStatus,
     Relayed,
     RelayRequest,
+    Submission,
     lease_values,
 )
 from ..database import PendingSubmission, Written
@@ -86,6 +87,50 @@ def enqueue(raw: sqlite3.Connection, events: Sequence[NewEvent], hand_off: HandO
         raw.execute(_ENQUEUE, (*lease_params(hand_off), rows))
 
 
+class _BatchRows:
+    """A batch's rows for the writer (writer.Rows): each request's encoded
+    here, on the event loop, as the batch goes (``_encode``); taken, less the
+    requests cancelled meanwhile, on the writer thread when its transaction
+    runs, or as they are handed to the rows process."""
+
+    __slots__ = ("_batch", "_texts", "_kept", "check", "params")
+    sql: str
+    setup: tuple[str, ...]
+
+    def __init__(
+        self,
+        batch: Sequence[PendingSubmission],
+        hand_off: HandOff | None,
+        check: Callable[[], None] | None,
+    ) -> None:
+        self.params = lease_params(hand_off)
+        self._batch = batch
+        self._texts = [self._encode(p.submission) for p in batch]
+        self._kept: list[bool] = []
+        self.check = check
+
+    @staticmethod
+    def _encode(request: Any) -> str:
+        """The request's rows: JSON arrays joined by commas, no brackets."""
+        raise NotImplementedError
+
+    def take(self) -> list[str]:
+        self._kept = [not p.future.cancelled() for p in self._batch]
+        return [text for text, kept in zip(self._texts, self._kept, strict=True) if kept and text]
+
+    def _kept_requests(self) -> list[Any]:
+        return [p.submission for p, kept in zip(self._batch, self._kept, strict=True) if kept]
+
+
+def _found(raw: sqlite3.Connection, ids: Sequence[str]) -> int:
+    """How many of ``ids`` the outbox holds."""
+    (found,) = raw.execute(
+        "SELECT count(*) FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
+        (orjson.dumps(list(ids)).decode(),),
+    ).fetchone()
+    return int(found)
+
+
 # -- relayed events --------------------------------------------------------------------
 
 # A row: [id, created_at, event_name, payload, origin].
@@ -112,49 +157,28 @@ RELAYED_INSERT = (
 )
 
 
-class RelayedRows:
-    """A batch of relay requests' events for the writer (writer.Rows), each
-    request's rows one text, encoded on the event loop as the batch goes."""
+class RelayedRows(_BatchRows):
+    """A batch of relay requests' events (see _BatchRows)."""
 
-    __slots__ = ("_batch", "_texts", "_kept", "check", "params")
+    __slots__ = ()
     sql = RELAYED_INSERT
     setup = RELAYED_SETUP
 
-    def __init__(
-        self,
-        batch: Sequence[PendingSubmission],
-        hand_off: HandOff | None,
-        check: Callable[[], None] | None,
-    ) -> None:
-        self.params = lease_params(hand_off)
-        self._batch = batch
-        self._texts = [_relayed_text(p.submission) for p in batch]  # type: ignore[arg-type]
-        self._kept: list[bool] = []
-        self.check = check
-
-    def take(self) -> list[str]:
-        self._kept = [not p.future.cancelled() for p in self._batch]
-        return [text for text, kept in zip(self._texts, self._kept, strict=True) if kept and text]
-
-    def _events(self) -> list[NewEvent]:
-        batch = zip(self._batch, self._kept, strict=True)
-        return [e for p, kept in batch if kept for e in p.submission.events]  # type: ignore[attr-defined]
+    @staticmethod
+    def _encode(request: RelayRequest) -> str:
+        return _relayed_text(request)
 
     def committed(self, raw: sqlite3.Connection) -> bool:
-        ids = {e.id for e in self._events()}
-        (found,) = raw.execute(
-            "SELECT count(*) FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
-            (orjson.dumps(sorted(ids)).decode(),),
-        ).fetchone()
+        ids = {e.id for r in self._kept_requests() for e in r.events}
         # One statement wrote them all or none, and it fails if any was there.
-        return bool(ids) and found == len(ids)
+        return bool(ids) and _found(raw, sorted(ids)) == len(ids)
 
     def written(self) -> Written:
         results: list[Relayed | None] = []
         for pending, kept in zip(self._batch, self._kept, strict=True):
             events = pending.submission.events  # type: ignore[attr-defined]
             results.append(Relayed(len(events)) if kept else None)
-        return results, self._events()
+        return results, [e for r in self._kept_requests() for e in r.events]
 
 
 def _relayed_text(request: RelayRequest) -> str:
@@ -225,52 +249,30 @@ SUBMISSIONS_INSERT = (
 )
 
 
-class SubmissionRows:
-    """A batch's rows for the writer (writer.Rows): encoded here, on the event
-    loop, as the batch goes; taken, less the requests cancelled meanwhile, on
-    the writer thread when its transaction runs, or as they are handed to the
-    rows process."""
+class SubmissionRows(_BatchRows):
+    """A batch of documents with their events (see _BatchRows)."""
 
-    __slots__ = ("_batch", "_texts", "_kept", "check", "params")
+    __slots__ = ()
     sql = SUBMISSIONS_INSERT
     setup = SUBMISSIONS_SETUP
 
-    def __init__(
-        self,
-        batch: Sequence[PendingSubmission],
-        hand_off: HandOff | None,
-        check: Callable[[], None] | None,
-    ) -> None:
-        self.params = lease_params(hand_off)
-        self._batch = batch
-        self._texts = [
-            orjson.dumps(
-                (
-                    (s := p.submission).user_id,
-                    s.document_name,
-                    (e := s.event).id,
-                    sqlite_time(e.created_at),
-                    e.name,
-                    e.payload,
-                )
-            ).decode()
-            for p in batch
-        ]
-        self._kept: list[bool] = []
-        self.check = check
-
-    def take(self) -> list[str]:
-        self._kept = [not p.future.cancelled() for p in self._batch]
-        return [text for text, kept in zip(self._texts, self._kept, strict=True) if kept]
+    @staticmethod
+    def _encode(submission: Submission) -> str:
+        e = submission.event
+        return orjson.dumps(
+            (
+                submission.user_id,
+                submission.document_name,
+                e.id,
+                sqlite_time(e.created_at),
+                e.name,
+                e.payload,
+            )
+        ).decode()
 
     def committed(self, raw: sqlite3.Connection) -> bool:
-        batch = zip(self._batch, self._kept, strict=True)
-        ids = [p.submission.event.id for p, kept in batch if kept]
-        (found,) = raw.execute(
-            "SELECT count(*) FROM outbox WHERE id IN (SELECT value FROM json_each(?))",
-            (orjson.dumps(ids).decode(),),
-        ).fetchone()
-        return bool(found)  # one statement wrote them all, or none
+        ids = [s.event.id for s in self._kept_requests()]
+        return _found(raw, ids) > 0  # one statement wrote them all, or none
 
     def written(self) -> Written:
         results: list[Accepted | IntakeError | None] = []
