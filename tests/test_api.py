@@ -18,6 +18,7 @@ from service.models import documents, outbox
 from service.store.database import Database
 from service.web.body import parse_json_object
 from tests.conftest import PASSWORD
+from tests.support.net import answer_to_a_cut_request
 
 PROBLEM = "application/problem+json"
 
@@ -729,24 +730,16 @@ async def test_a_locked_database_is_503_writes_nothing_and_recovers(
 async def test_a_body_that_trickles_in_is_408_writes_nothing_and_ends_the_connection(
     alice_on, engine: AsyncEngine
 ) -> None:
-    import asyncio
 
     client: TestClient = await alice_on(body_timeout_seconds=0.3)
     cookies = client.session.cookie_jar.filter_cookies(client.make_url("/"))
     cookie = "; ".join(f"{name}={morsel.value}" for name, morsel in cookies.items())
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(
-            b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\nCookie: " + cookie.encode() + b'\r\n\r\n{"documentName": '
-        )
-        await writer.drain()
-        async with asyncio.timeout(10):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            body = await reader.readexactly(length)
-    finally:
-        writer.close()
+    head, body = await answer_to_a_cut_request(
+        client.server.host,
+        client.server.port,
+        b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nCookie: " + cookie.encode() + b'\r\n\r\n{"documentName": ',
+    )
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"\r\nConnection: close\r\n" in head
     assert json.loads(body) == {

@@ -33,6 +33,7 @@ from service.models import relay_keys as relay_keys_table
 from service.store.database import Database
 from service.web.middlewares import RequestIdAccessLogger
 from tests.fakes.inngest import StandIn
+from tests.support.net import answer_to_a_cut_request
 from tests.support.service import poll_until
 from tests.support.wait import until
 from tests.test_intake import Gate
@@ -142,19 +143,12 @@ async def test_a_body_that_trickles_in_is_408_stores_nothing_and_ends_the_connec
     aiohttp_client, settings: Settings, key: str, engine: AsyncEngine
 ) -> None:
     client = await aiohttp_client(create_app(settings.replace(body_timeout_seconds=0.3)))
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(
-            f"POST /e/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            'Content-Length: 100\r\n\r\n[{"name": '.encode()
-        )
-        await writer.drain()
-        async with asyncio.timeout(10):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            body = await reader.readexactly(length)
-    finally:
-        writer.close()
+    head, body = await answer_to_a_cut_request(
+        client.server.host,
+        client.server.port,
+        f"POST /e/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        'Content-Length: 100\r\n\r\n[{"name": '.encode(),
+    )
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"\r\nConnection: close\r\n" in head
     assert json.loads(body) == {"error": "The request body did not arrive in time", "status": 408}

@@ -28,3 +28,20 @@ def wait_for_port(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
+
+
+async def answer_to_a_cut_request(host: str, port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` (a head that promises more body than follows) and
+    read the answer's head and body, within 10 s."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            return head, await reader.readexactly(length)
+    finally:
+        writer.close()
