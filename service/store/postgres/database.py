@@ -74,19 +74,14 @@ class PostgresDatabase(Database):
     async def close(self) -> None:
         await super().close()
         if self._hot is not None:
-            # Every hot write has ended: they are awaited before the intake closes.
+            # No hot write is left: the intake and the worker stop before the database.
             await self._hot.close()
 
     def _on_hot(self, job: Callable[[Any], Awaitable[T]], done: Done) -> None:
         """Run ``job(connection)`` on a connection of the hot pool; ``done`` as submit's."""
         if self._closed:
             raise DatabaseClosed()
-
-        async def run() -> T:
-            async with self._hot.acquire() as conn:
-                return await job(conn)
-
-        task = asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(self._run_hot(job))
         self._submitted.add(task)
         task.add_done_callback(lambda t: self._finish_submitted(t, done))
 
