@@ -1,11 +1,13 @@
 """Compare this checkout's POST /api with another checkout's, under the same load.
 
     git worktree add /tmp/before <commit>
-    .venv/bin/python -m bench.compare /tmp/before [--rounds 12] [--duration 3] [--relay-events N]
+    .venv/bin/python -m bench.compare /tmp/before [--rounds 12] [--duration 3] [--postgres]
+        [--relay-events N]
 
-With --relay-events N, the load is the relay's instead (POST /e/{key}, N events
-a request, a key made by `keys add` in each checkout), against a bare handler
-taking the same body.
+With --postgres, both run on one durable PostgreSQL (a database each). With
+--relay-events N, the load is the relay's instead of POST /api's (POST
+/e/{key}, N events a request, a key made by `keys add` in each checkout),
+against a bare handler taking the same body.
 
 On a shared machine the speed of one run drifts by a third within minutes (the
 bare handler alone measured 11,853 to 18,779 req/s in one afternoon), so two
@@ -19,6 +21,10 @@ Rounds still scatter: in one 30-round comparison (2026-11-23) the middle half
 of the rounds' ratios lay between 0.988 and 1.095 around a median of 1.046.
 For a change of a few per cent use 30 rounds or more, and look at how many
 rounds went each way.
+
+With --postgres, both services run on one durable PostgreSQL started for the
+run (fsync and synchronous_commit on), each on a database of its own, each with
+its in-process worker.
 
 Prints each server's median req/s and p99, and the ratios; asserts nothing.
 """
@@ -46,13 +52,17 @@ from bench.load import (
     wait_for_port,
     wrk,
 )
+from tests.support.postgres import start_postgres
 
 
-def start_checkout(root: Path, inngest: str, procs: list, relay: bool) -> tuple[str, dict]:
+def start_checkout(
+    root: Path, inngest: str, procs: list, database: dict[str, str], relay: bool
+) -> tuple[str, dict]:
     """``inngest-outbox serve`` from the checkout at ``root``; the URL to load
-    and wrk's environment (a session cookie, or none for a relay key's URL)."""
+    and wrk's environment (a session cookie, or none for a relay key's URL).
+    ``database``: DATABASE_URL, or nothing for a SQLite file of its own."""
     work = scratch_dir("bench-compare-")
-    env = service_env(work, inngest, PYTHONPATH=str(root))
+    env = service_env(work, inngest, PYTHONPATH=str(root), **database)
     prepare_database(work, env)
     key = ""
     if relay:
@@ -62,7 +72,7 @@ def start_checkout(root: Path, inngest: str, procs: list, relay: bool) -> tuple[
         )  # fmt: skip
         key = added.stdout.strip().splitlines()[-1]
     port = free_port()
-    env = service_env(work, inngest, PORT=str(port), PYTHONPATH=str(root))
+    env = service_env(work, inngest, PORT=str(port), PYTHONPATH=str(root), **database)
     procs.append(start(["-m", "service", "serve", "--dev"], cwd=work, env=env))
     wait_for_port("127.0.0.1", port, timeout=60, process=procs[-1])
     url = f"http://127.0.0.1:{port}"
@@ -78,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="wrk's threads")
+    parser.add_argument("--postgres", action="store_true", help="both on a durable PostgreSQL")
     parser.add_argument(
         "--relay-events", type=int, default=0, help="load POST /e/{key} with this many events"
     )
@@ -88,17 +100,26 @@ def main() -> None:
 
     procs: list = []
     results: dict[str, list[Run]] = {"this": [], "other": [], "bare": []}
+    server = start_postgres(durable=True) if args.postgres else None
+
+    def database() -> dict[str, str]:
+        return {"DATABASE_URL": server.create_database()} if server is not None else {}
+
     try:
         inngest = start_standin(procs)
         targets = {
-            "this": start_checkout(HERE.parent, inngest, procs, relay),
-            "other": start_checkout(args.other.resolve(), inngest, procs, relay),
+            "this": start_checkout(HERE.parent, inngest, procs, database(), relay),
+            "other": start_checkout(args.other.resolve(), inngest, procs, database(), relay),
         }
         bare_port = free_port()
         procs.append(start(["-m", "bench.bare", "--port", str(bare_port)], cwd=HERE.parent))
         wait_for_port("127.0.0.1", bare_port, timeout=30, process=procs[-1])
         targets["bare"] = (f"http://127.0.0.1:{bare_port}/api", {})
-        load: dict = {"duration": args.duration, "connections": args.connections}
+        load: dict = {
+            "duration": args.duration,
+            "connections": args.connections,
+            "threads": args.threads,
+        }
         if relay:
             load["script"] = "relay.lua"
         for i in range(args.rounds):
@@ -116,6 +137,8 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
+        if server is not None:
+            server.stop()
 
     def ratios(a: str, b: str) -> list[float]:
         return [x.rps / y.rps for x, y in zip(results[a], results[b], strict=True)]
@@ -124,7 +147,11 @@ def main() -> None:
         return statistics.median(ratios(a, b))
 
     what = f"POST /e/{{key}} of {args.relay_events} events" if relay else "POST /api"
-    print(f"{what}: wrk -t2 -c{args.connections}, {args.rounds} rounds of {args.duration} s each")
+    on = "a durable PostgreSQL" if args.postgres else "SQLite"
+    print(
+        f"{what}: wrk -t{args.threads} -c{args.connections}, {args.rounds} rounds of"
+        f" {args.duration} s each, on {on}"
+    )
     for name, label in (("this", "this checkout"), ("other", str(args.other)), ("bare", "bare")):
         runs = results[name]
         print(

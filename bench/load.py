@@ -89,10 +89,16 @@ def start_standin(procs: list[subprocess.Popen]) -> str:
 
 
 def wrk(
-    url: str, *, duration: int, connections: int, env: dict[str, str], script: str = "post.lua"
+    url: str,
+    *,
+    duration: int,
+    connections: int,
+    env: dict[str, str],
+    script: str = "post.lua",
+    threads: int = 2,
 ) -> Run:
     command = [
-        "wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
         "-s", str(HERE / script), url,
     ]  # fmt: skip
     out = subprocess.run(

@@ -76,6 +76,61 @@ async def status_counts(engine: AsyncEngine) -> dict[str, int]:
     return counts
 
 
+# -- claiming ---------------------------------------------------------------------
+
+
+async def test_claim_takes_expired_leases_first_then_due_rows_oldest_first(
+    db: Database, engine: AsyncEngine
+) -> None:
+    now = datetime.now(UTC)
+
+    def row(name: str, age: int, **values: Any) -> dict[str, Any]:
+        return {
+            "id": new_event_id(),
+            "event_name": name,
+            "payload": RawJSON(json.dumps({"name": name})),
+            "status": "pending",
+            "attempts": 0,
+            "available_at": now - timedelta(seconds=age),
+            "created_at": now - timedelta(seconds=age),
+            # Every row names every column: an executemany takes its columns from the first.
+            "lease_owner": None,
+            "lease_token": None,
+            "lease_expires_at": None,
+            "last_error": None,
+            **values,
+        }
+
+    lease = {"status": "sending", "lease_owner": "dead", "lease_token": "t"}
+    rows = [
+        row("due-newer", 1),
+        row("expired-newer", 9, **lease, lease_expires_at=now - timedelta(seconds=1)),
+        row("due-oldest", 3, last_error="timed out"),
+        row("leased", 9, **lease, lease_expires_at=now + timedelta(seconds=30)),
+        row("due-newest", 0),
+        row("expired-oldest", 9, **lease, lease_expires_at=now - timedelta(seconds=2)),
+    ]
+    async with engine.begin() as conn:
+        await conn.execute(outbox_table.insert(), rows)
+    claim = await outbox.claim_batch(db, owner="w", limit=4, lease_seconds=30, now=now)
+    names = {r["id"]: r["event_name"] for r in rows}
+    assert [names[e.id] for e in claim.events] == [
+        "expired-oldest",
+        "expired-newer",
+        "due-oldest",
+        "due-newer",
+    ]
+    # An earlier outcome (here an error without a status code) marks a row seen.
+    assert [e.seen for e in claim.events] == [False, False, True, False]
+    assert [json.loads(e.payload)["name"] for e in claim.events] == [
+        names[e.id] for e in claim.events
+    ]
+    leased = await states(engine)
+    assert {leased[e.id].lease_token for e in claim.events} == {claim.token}
+    assert leased[rows[4]["id"]].status == "pending"  # past the limit
+    assert leased[rows[3]["id"]].lease_owner == "dead"  # its lease holds
+
+
 # -- sending ------------------------------------------------------------------------
 
 

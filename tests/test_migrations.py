@@ -148,18 +148,27 @@ async def test_claim_query_uses_the_partial_index_with_a_large_history(db, engin
         await conn.execute(outbox.insert(), rows)
         if engine.dialect.name == "postgresql":
             await conn.exec_driver_sql("ANALYZE outbox")
-    # The claim's query, as outbox._DUE renders it, parameters bound as it binds them.
-    sql = (
-        "SELECT id FROM outbox WHERE status = :status AND available_at <= :now "
-        "ORDER BY available_at LIMIT :limit"
-    )
-    explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
-    when = now.replace(tzinfo=None).isoformat(" ") if engine.dialect.name == "sqlite" else now
-    async with engine.connect() as conn:
-        result = await conn.execute(
-            sa.text(explain + sql), {"status": "pending", "now": when, "limit": 100}
+    if engine.dialect.name == "postgresql":
+        # The claim's own statement, as the store runs it.
+        from service.store.postgres.outbox_sql import CLAIM
+
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            result = await raw.fetch("EXPLAIN " + CLAIM, now, 100, "w", "token", now)
+        plan = " ".join(row[0] for row in result)
+    else:
+        # The claim's due rows, as sqlite/outbox_sql.py selects them.
+        sql = (
+            "SELECT id FROM outbox WHERE status = :status AND available_at <= :now "
+            "ORDER BY available_at LIMIT :limit"
         )
-        plan = " ".join(str(row[-1]) for row in result)
+        when = now.replace(tzinfo=None).isoformat(" ")
+        async with engine.connect() as conn:
+            result = await conn.execute(
+                sa.text("EXPLAIN QUERY PLAN " + sql),
+                {"status": "pending", "now": when, "limit": 100},
+            )
+            plan = " ".join(str(row[-1]) for row in result)
     assert "ix_outbox_pending_due" in plan, plan
     claim = await outbox_module.claim_batch(db, owner="w", limit=100, lease_seconds=30, now=now)
     assert len(claim.events) == 10

@@ -112,9 +112,12 @@ def _binary(name: str) -> str:
     return shutil.which(name) or os.path.join(_bin_dir(), name)
 
 
-def start_postgres(*, durable: bool = False) -> PostgresServer:
+def start_postgres(
+    *, durable: bool = False, settings: dict[str, str] | None = None
+) -> PostgresServer:
     """A throwaway cluster; ``durable`` keeps fsync and synchronous commits on
-    (benchmarks), the tests' default turns them off for speed."""
+    (benchmarks), the tests' default turns them off for speed. ``settings``:
+    more server settings, such as ``shared_preload_libraries``."""
     bin_dir = _bin_dir()
     data_dir = Path(tempfile.mkdtemp(prefix="pg-test-"))
     as_user: list[str] = []
@@ -132,7 +135,8 @@ def start_postgres(*, durable: bool = False) -> PostgresServer:
          *([] if durable else
            # Tests want speed, not crash safety of the throwaway cluster.
            ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
-         "-c", "max_connections=200"]  # fmt: skip
+         "-c", "max_connections=200",
+         *(a for item in (settings or {}).items() for a in ("-c", "=".join(item)))]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port("127.0.0.1", port, timeout=60, process=process)
     server = PostgresServer("127.0.0.1", port, "postgres", process, data_dir, command)

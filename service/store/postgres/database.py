@@ -1,61 +1,38 @@
-"""The store on PostgreSQL: each write a transaction of its own on the async
-engine; claims with FOR UPDATE SKIP LOCKED, so that workers on many hosts never
-wait for nor take each other's rows; a NOTIFY at the commit of new rows wakes
-every host's workers (listener.py)."""
+"""The store on PostgreSQL: each write a transaction of its own; claims with FOR
+UPDATE SKIP LOCKED, so that workers on many hosts never wait for nor take each
+other's rows; a NOTIFY at the commit of new rows wakes every host's workers
+(listener.py).
+
+The hot path (the intake's documents and events, the claim, the delivered
+mark) runs on asyncpg itself, one statement each (outbox_sql.py), from a pool
+of its own; everything else on SQLAlchemy's async engine."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
+from sqlalchemy.util import greenlet_spawn
 
 from ...models import UTCDateTime, outbox
-from ..contract import Claim, ClaimedEvent, HandOff, NewEvent, OutboxStatus, lease_values
-from ..database import Database, Done, PendingSubmission, RowsRefused
-from ..submissions import write_relayed, write_submissions
-from .listener import NOTIFY_SQL, Listener
-
-
-def _claimable(status: OutboxStatus, due: sa.Column[Any]) -> sa.Select[Any]:
-    """Rows in ``status`` whose ``due`` time has come, oldest first, skipping
-    rows another worker has locked."""
-    return (
-        sa.select(outbox.c.id)
-        .where(outbox.c.status == status, due <= sa.bindparam("now", type_=UTCDateTime))
-        .order_by(due)
-        .limit(sa.bindparam("limit"))
-        .with_for_update(skip_locked=True)
-    )
-
-
-# Statements are built once, not per call: building one costs more than running it.
-_EXPIRED = _claimable(OutboxStatus.SENDING, outbox.c.lease_expires_at)
-_DUE = _claimable(OutboxStatus.PENDING, outbox.c.available_at)
-_LEASE = (
-    outbox.update()
-    .where(outbox.c.id.in_(sa.bindparam("ids", expanding=True)))
-    .values(
-        status=OutboxStatus.SENDING,
-        lease_owner=sa.bindparam("owner"),
-        lease_token=sa.bindparam("token"),
-        lease_expires_at=sa.bindparam("expires_at"),
-    )
-    .returning(
-        outbox.c.id,
-        sa.cast(outbox.c.payload, sa.Text),
-        outbox.c.attempts,
-        # Either set means an earlier outcome (a timeout or a dropped
-        # connection has an error and no status code).
-        outbox.c.last_status_code,
-        outbox.c.last_error,
-    )
+from ..contract import (
+    Accepted,
+    Claim,
+    HandOff,
+    NewEvent,
+    Submission,
+    lease_values,
 )
-
+from ..database import Database, Done, PendingSubmission, RowsRefused, T, Written
+from ..errors import DatabaseClosed
+from ..submissions import write_relayed, write_submissions
+from . import outbox_sql
+from .listener import NOTIFY_SQL, Listener, asyncpg_dsn
 
 # Relayed events: an id already in the outbox is left as it is (and the second
 # of an id met twice in one statement); RETURNING names the rows written.
@@ -66,13 +43,59 @@ _RELAYED = (
 )
 
 
+# The hot path's connections: as many as the intake's batches in flight and the
+# worker's sends, each a prepared statement's home.
+HOT_POOL_SIZE = 8
+
+
+async def _keep_session(_conn: Any) -> None:
+    """The pool's reset on release: nothing. asyncpg's own default sends a query
+    a release (RESET ALL, UNLISTEN *, ...) to undo session state the hot path
+    never sets; an open transaction is rolled back either way."""
+
+
 class PostgresDatabase(Database):
     def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
         super().__init__(url, **engine_kwargs)  # rows_process: SQLite's alone
+        self._hot: Any = None  # asyncpg.Pool, once started
+
+    async def start(self) -> None:
+        import asyncpg  # the postgresql extra
+
+        self._hot = asyncpg.create_pool(
+            asyncpg_dsn(self.url), min_size=0, max_size=HOT_POOL_SIZE, reset=_keep_session
+        )
+        await self._hot
+
+    async def close(self) -> None:
+        await super().close()
+        if self._hot is not None:
+            # No hot write is left: the intake and the worker stop before the database.
+            await self._hot.close()
+
+    def _on_hot(self, job: Callable[[Any], Awaitable[T]], done: Done) -> None:
+        """Run ``job(connection)`` on a connection of the hot pool; ``done`` as submit's."""
+        if self._closed:
+            raise DatabaseClosed()
+        task = asyncio.get_running_loop().create_task(self._run_hot(job))
+        self._submitted.add(task)
+        task.add_done_callback(lambda t: self._finish_submitted(t, done))
+
+    async def _run_hot(self, job: Callable[[Any], Awaitable[T]]) -> T:
+        if self._closed:
+            raise DatabaseClosed()
+        async with self._hot.acquire() as conn:
+            return await job(conn)
 
     def insert_submissions(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
     ) -> None:
+        if batch and batch[0].submission.idempotency_key is None:
+            # A batch is all with Idempotency-Keys or none: without, one statement.
+            self._on_hot(
+                lambda conn: self._insert_plain(conn, batch, hand_off), _refusals_named(done)
+            )
+            return
         self.submit(
             lambda conn: write_submissions(
                 conn,
@@ -84,6 +107,30 @@ class PostgresDatabase(Database):
             ),
             _refusals_named(done),
         )
+
+    async def _insert_plain(
+        self, conn: Any, batch: Sequence[PendingSubmission], hand_off: HandOff | None
+    ) -> Written:
+        # Left out: a request cancelled before its transaction began.
+        results: list[Accepted | None] = []
+        subs: list[Submission] = []
+        for pending in batch:
+            if pending.future.cancelled():
+                results.append(None)
+            else:
+                subs.append(pending.submission)
+                results.append(Accepted(pending.submission.event.id))
+        if subs:
+            args = outbox_sql.submission_args(subs, hand_off)
+            if self.before_commit is None:
+                await conn.execute(outbox_sql.SUBMISSIONS, *args)
+            else:
+                # The fault point needs a moment between the rows and COMMIT:
+                # the same statement, in a transaction of its own.
+                async with conn.transaction():
+                    await conn.execute(outbox_sql.SUBMISSIONS, *args)
+                    await greenlet_spawn(self.before_commit)
+        return results, [s.event for s in subs]
 
     def insert_relayed(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
@@ -159,25 +206,17 @@ class PostgresDatabase(Database):
     async def claim(
         self, *, token: str, owner: str, limit: int, now: datetime, expires_at: datetime
     ) -> Claim:
-        def claim(conn: Connection) -> Claim:
-            ids = list(conn.scalars(_EXPIRED, {"now": now, "limit": limit}))
-            if len(ids) < limit:
-                ids.extend(conn.scalars(_DUE, {"now": now, "limit": limit - len(ids)}))
-            if not ids:
-                return Claim(token, owner, [])
-            rows = conn.execute(
-                _LEASE, {"ids": ids, "owner": owner, "token": token, "expires_at": expires_at}
-            )
-            by_id = {
-                row[0]: ClaimedEvent(
-                    row[0], row[1], row[2], row[3] is not None or row[4] is not None
-                )
-                for row in rows
-            }
-            # Oldest first, as claimed.
-            return Claim(token, owner, [by_id[i] for i in ids if i in by_id])
+        rows = await self._run_hot(
+            lambda conn: conn.fetch(outbox_sql.CLAIM, now, limit, owner, token, expires_at)
+        )
+        return outbox_sql.claimed(token, owner, rows)
 
-        return await self.write(claim)
+    async def mark_delivered(self, ids: Sequence[str], token: str, now: datetime) -> int:
+        # Every delivery ends here: one statement, its own transaction.
+        status = await self._run_hot(
+            lambda conn: conn.execute(outbox_sql.DELIVERED_MARK, now, token, list(ids))
+        )
+        return outbox_sql.row_count(status)
 
     def minute_of(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         minute = sa.func.date_trunc("minute", sa.func.timezone("UTC", column))
@@ -191,10 +230,20 @@ def _refusals_named(done: Done) -> Done:
     """A refused row (a constraint, a value out of range) reaches the intake as RowsRefused."""
 
     def answer(result: Any, error: BaseException | None) -> None:
-        if isinstance(error, sa.exc.IntegrityError | sa.exc.DataError):
+        if isinstance(error, sa.exc.IntegrityError | sa.exc.DataError) or _refused_by_asyncpg(
+            error
+        ):
             refused = RowsRefused(str(error))
             refused.__cause__ = error
             error = refused
         done(result, error)
 
     return answer
+
+
+def _refused_by_asyncpg(error: BaseException | None) -> bool:
+    """A row asyncpg's statement was refused for: a constraint (SQLSTATE class
+    23) or a value out of range or malformed (class 22)."""
+    import asyncpg
+
+    return isinstance(error, asyncpg.IntegrityConstraintViolationError | asyncpg.DataError)

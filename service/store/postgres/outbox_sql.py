@@ -1,0 +1,104 @@
+"""The outbox's hot statements on PostgreSQL, for asyncpg itself: the intake's
+documents and events, the claim and the delivered mark.
+
+Each is ONE statement however many rows it carries (arrays, unnest), run
+outside any explicit transaction: PostgreSQL runs a lone statement as a
+transaction of its own, all of it or nothing, so BEGIN and COMMIT cost no
+round trips of their own. asyncpg prepares each once a connection and reuses
+it. Everything else stays with SQLAlchemy Core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..contract import Claim, ClaimedEvent, HandOff, OutboxStatus, Submission, lease_values
+from .listener import CHANNEL
+
+PENDING, SENDING, DELIVERED = (
+    f"'{s.value}'" for s in (OutboxStatus.PENDING, OutboxStatus.SENDING, OutboxStatus.DELIVERED)
+)
+
+# The documents and their events, in one statement: the two INSERTs are
+# data-modifying CTEs of it, so they commit together or not at all. The NOTIFY
+# that wakes other hosts' workers goes with rows written pending ($10), and
+# PostgreSQL delivers it at the commit.
+SUBMISSIONS = f"""
+WITH documents AS (
+    INSERT INTO documents (user_id, document_name, event_id, request_hash, created_at)
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::varchar[], $4::varchar[],
+                         $5::timestamptz[])
+), events AS (
+    INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at,
+                        lease_owner, lease_token, lease_expires_at)
+    SELECT e.id, e.name, e.payload::json, $7, 0, e.at, e.at, $8, $9, $10
+    FROM unnest($3::varchar[], $6::text[], $11::text[], $5::timestamptz[])
+        AS e(id, name, payload, at)
+)
+SELECT pg_notify('{CHANNEL}', '') WHERE $7 = {PENDING}
+"""
+
+
+def submission_args(subs: Sequence[Submission], hand_off: HandOff | None) -> tuple[Any, ...]:
+    """SUBMISSIONS's parameters: a column an array."""
+    return (
+        [s.user_id for s in subs],
+        [s.document_name for s in subs],
+        [s.event.id for s in subs],
+        [s.request_hash for s in subs],
+        [s.event.created_at for s in subs],
+        [s.event.name for s in subs],
+        *lease_values(hand_off),
+        [s.event.payload for s in subs],
+    )
+
+
+# Expired leases first, then due rows, each oldest first, up to $2 in all;
+# rows another worker has locked are skipped. ``position`` keeps that order,
+# which RETURNING does not.
+CLAIM = f"""
+WITH expired AS (
+    SELECT id, lease_expires_at AS due FROM outbox
+    WHERE status = {SENDING} AND lease_expires_at <= $1
+    ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT id, available_at AS due FROM outbox
+    WHERE status = {PENDING} AND available_at <= $1
+    ORDER BY available_at LIMIT greatest($2 - (SELECT count(*) FROM expired), 0)
+    FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id, row_number() OVER (ORDER BY expired DESC, due) AS position FROM (
+        SELECT id, due, true AS expired FROM expired
+        UNION ALL SELECT id, due, false FROM due
+    ) AS both_kinds
+)
+UPDATE outbox SET status = {SENDING}, lease_owner = $3, lease_token = $4, lease_expires_at = $5
+FROM picked WHERE outbox.id = picked.id
+RETURNING outbox.id, outbox.payload::text, outbox.attempts,
+          -- Either set: an earlier outcome (a timeout or a dropped connection
+          -- has an error and no status code).
+          outbox.last_status_code IS NOT NULL OR outbox.last_error IS NOT NULL, picked.position
+"""
+
+
+def claimed(token: str, owner: str, rows: Sequence[Any]) -> Claim:
+    """CLAIM's rows as a Claim, in the order claimed."""
+    ordered = sorted(rows, key=lambda row: row[4])
+    return Claim(
+        token,
+        owner,
+        [ClaimedEvent(row[0], row[1], row[2], row[3]) for row in ordered],
+    )
+
+
+DELIVERED_MARK = (
+    f"UPDATE outbox SET status = {DELIVERED}, attempts = attempts + 1, delivered_at = $1,"
+    " last_status_code = 200, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL"
+    f" WHERE id = any($3::varchar[]) AND lease_token = $2 AND status = {SENDING}"
+)
+
+
+def row_count(status: str) -> int:
+    """The rows an UPDATE touched, from asyncpg's status ("UPDATE 3")."""
+    return int(status.rsplit(" ", 1)[1])
