@@ -10,6 +10,7 @@ was right (a different key has an unrelated hash).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -138,6 +139,8 @@ class RelayKeys:
         self._clock = clock
         # key hash -> (name, or None for no such key; when looked up)
         self._seen: dict[str, tuple[str | None, float]] = {}
+        # key hash -> its lookup under way, which every request for it awaits
+        self._looking: dict[str, asyncio.Future[str | None]] = {}
 
     async def origin_of(self, key: str) -> str | None:
         """The name of the live key ``key``, or None (unknown or revoked)."""
@@ -146,9 +149,26 @@ class RelayKeys:
         seen = self._seen.get(digest)
         if seen is not None and now - seen[1] < self._check_seconds:
             return seen[0]
+        # One lookup a key at a time: under load, the requests that arrive
+        # while it runs wait for it instead of each queueing a lookup of their
+        # own (hundreds of them, the relay's p99, every check_seconds).
+        looking = self._looking.get(digest)
+        if looking is None:
+            looking = asyncio.ensure_future(self._look_up(digest, now))
+            self._looking[digest] = looking
+            looking.add_done_callback(lambda done: self._looked_up(digest, done))
+        # Shielded: a request that gives up does not end the others' lookup.
+        return await asyncio.shield(looking)
+
+    async def _look_up(self, digest: str, now: float) -> str | None:
         async with self._db.engine.connect() as conn:
             name = (await conn.execute(_BY_HASH, {"key_hash": digest})).scalar()
         if len(self._seen) >= CACHE_LIMIT:
             self._seen.clear()
         self._seen[digest] = (name, now)
         return name
+
+    def _looked_up(self, digest: str, done: asyncio.Future[str | None]) -> None:
+        self._looking.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every request that waited has it

@@ -459,3 +459,38 @@ async def test_list_and_show_name_the_key_a_relayed_event_came_from(
     detail = await operations.get_event(db, "from-shop")
     assert detail is not None and detail.origin == "shop"
     assert detail.event["name"] == "shop/a" and detail.document_name is None
+
+
+async def test_requests_for_a_key_share_one_lookup_and_a_stale_one_is_looked_up_again(
+    db: Database, key: str
+) -> None:
+    from service.relay_keys import RelayKeys
+
+    lookups: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if statement.startswith("SELECT relay_keys.name"):
+            lookups.append(statement)
+
+    sa.event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        clock = [0.0]
+        keys = RelayKeys(db, check_seconds=5.0, clock=lambda: clock[0])
+        assert await asyncio.gather(*(keys.origin_of(key) for _ in range(50))) == ["shop"] * 50
+        assert len(lookups) == 1
+        clock[0] = 4.9  # still fresh
+        assert await keys.origin_of(key) == "shop" and len(lookups) == 1
+        clock[0] = 5.0  # stale: looked up again, once for all who ask meanwhile
+        await relay_keys.revoke_key(db, "shop", now=datetime.now(UTC))
+        assert await asyncio.gather(*(keys.origin_of(key) for _ in range(20))) == [None] * 20
+        assert len(lookups) == 2
+        # A request that gives up does not end the lookup the others wait for.
+        clock[0] = 10.0
+        first = asyncio.ensure_future(keys.origin_of(key))
+        second = asyncio.ensure_future(keys.origin_of(key))
+        await asyncio.sleep(0)  # both waiting on the one lookup
+        first.cancel()
+        assert await second is None
+        assert len(lookups) == 3
+    finally:
+        sa.event.remove(db.engine.sync_engine, "before_cursor_execute", count)
