@@ -23,7 +23,7 @@ import pytest
 
 from tests.fakes.inngest import StandIn
 from tests.support.net import free_port
-from tests.support.service import ServiceProcess, base_env, poll_until, query, run_cli
+from tests.support.service import ServiceProcess, base_env, call_cli, poll_until, query
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def relay_env(service_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "RETRY_MAX_ATTEMPTS": "1000",
         "WORKER_POLL_SECONDS": "0.2",
     }
-    added = run_cli("keys", "add", "shop", env=env, cwd=tmp_path)
+    added = call_cli("keys", "add", "shop", env=env, cwd=tmp_path)
     assert added.returncode == 0, added.stderr
     env["RELAY_KEY"] = added.stdout.strip().splitlines()[-1]
     env["STAND_IN_PORT"] = str(port)
@@ -200,7 +200,7 @@ async def test_the_example_route_sends_its_event_durably(
 async def test_an_sdk_with_a_revoked_key_is_refused(
     relay_env: dict[str, str], tmp_path: Path
 ) -> None:
-    revoked = run_cli("keys", "revoke", "shop", env=relay_env, cwd=tmp_path)
+    revoked = call_cli("keys", "revoke", "shop", env=relay_env, cwd=tmp_path)
     assert revoked.returncode == 0, revoked.stderr
     api = await ServiceProcess(["serve"], env=relay_env, cwd=tmp_path).started()
     try:
