@@ -23,6 +23,7 @@ from service.config import Profile, Settings
 from service.store import open_database
 from service.store.database import Database
 from tests.fakes.inngest import StandIn
+from tests.support import npm
 from tests.support.postgres import PostgresServer, PostgresUnavailable, connect_or_start
 from tests.support.s3 import MotoS3, start_moto
 from tests.support.service import METRICS_TOKEN, base_env, call_cli, set_up_database
@@ -33,6 +34,14 @@ PASSWORD = "correct horse battery staple"
 # suite's time. Tests marked real_password_hashing, and every service process
 # the tests start, use the real cost.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    npm.start_if_needed(session)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    npm.stop(session)
 
 
 @pytest.fixture(autouse=True)
