@@ -24,7 +24,12 @@ from service.store import open_database
 from service.store.database import Database
 from tests.fakes.inngest import StandIn
 from tests.support import npm
-from tests.support.postgres import PostgresServer, PostgresUnavailable, connect_or_start
+from tests.support.postgres import (
+    PostgresServer,
+    PostgresUnavailable,
+    connect_or_start,
+    postgres_copy,
+)
 from tests.support.s3 import MotoS3, start_moto
 from tests.support.service import METRICS_TOKEN, base_env, call_cli, set_up_database
 
@@ -116,15 +121,14 @@ def service_env(tmp_path: Path, moto_s3: MotoS3, sqlite_with_user: Path) -> dict
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def any_service_env(request: pytest.FixtureRequest, service_env: dict[str, str]) -> dict[str, str]:
+def any_service_env(
+    request: pytest.FixtureRequest, service_env: dict[str, str]
+) -> Iterator[dict[str, str]]:
     """``service_env`` on a SQLite file, then on a fresh PostgreSQL database."""
     if request.param == "sqlite":
-        return service_env
-    template = request.getfixturevalue("postgres_with_user")
-    return {
-        **service_env,
-        "DATABASE_URL": request.getfixturevalue("postgres").create_database(template),
-    }
+        yield service_env
+        return
+    yield {**service_env, "DATABASE_URL": postgres_copy(request, "postgres_with_user")}
 
 
 # Templates: each test's database is a copy of one set up once per session by
@@ -198,8 +202,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         path = tmp_path / "outbox.db"
         shutil.copyfile(request.getfixturevalue("sqlite_migrated"), path)
         return sqlite_url(path)
-    template = request.getfixturevalue("postgres_migrated")
-    return request.getfixturevalue("postgres").create_database(template)
+    return postgres_copy(request, "postgres_migrated")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -207,7 +210,7 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """``db_url`` before any migration: no table at all."""
     if request.param == "sqlite":
         return sqlite_url(tmp_path / "empty.db")
-    return request.getfixturevalue("postgres").create_database()
+    return postgres_copy(request, None)
 
 
 @pytest_asyncio.fixture

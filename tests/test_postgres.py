@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.store.database import Database
 from service.store.postgres.listener import Listener
 from tests.fakes.inngest import StandIn
-from tests.support.postgres import PostgresServer
+from tests.support.postgres import postgres_copy
 from tests.support.service import ServiceProcess, http_session, log_in, query
 
 pytestmark = pytest.mark.slow
@@ -20,14 +20,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def pg_env(
-    service_env: dict[str, str],
-    postgres: PostgresServer,
-    postgres_with_user: str,
-    inngest: StandIn,
+    request: pytest.FixtureRequest, service_env: dict[str, str], inngest: StandIn
 ) -> dict[str, str]:
     env = {
         **service_env,
-        "DATABASE_URL": postgres.create_database(postgres_with_user),
+        "DATABASE_URL": postgres_copy(request, "postgres_with_user"),
         "INNGEST_BASE_URL": inngest.base_url,  # type: ignore[attr-defined]
         "INNGEST_EVENT_KEY": inngest.event_key,
         # A minute's poll: only a notification can deliver within the tests' timeouts.
