@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -39,6 +40,21 @@ PASSWORD = "correct horse battery staple"
 # suite's time. Tests marked real_password_hashing, and every service process
 # the tests start, use the real cost.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+# Where the session's files go (tmp_path, the PostgreSQL cluster, service logs):
+# RAM (/dev/shm) when the machine has it. Every SQLite commit syncs
+# (synchronous=FULL) and every CREATE DATABASE writes megabytes: on a shared
+# virtual disk that was half the suite's time. What the tests check is the
+# same on tmpfs: a killed process, not a lost machine, is all a test can cause.
+# --basetemp, or TMPDIR set to somewhere else, chooses otherwise.
+RAM_DIRECTORY = "/dev/shm"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen = config.option.basetemp or os.environ.get("TMPDIR")
+    if not chosen and os.path.isdir(RAM_DIRECTORY) and os.access(RAM_DIRECTORY, os.W_OK):
+        tempfile.tempdir = RAM_DIRECTORY
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
