@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,18 +15,24 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
 from argon2 import PasswordHasher
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service import auth, migrate
+from service import auth
 from service.app import create_app
 from service.config import Profile, Settings
 from service.store import open_database
 from service.store.database import Database
 from tests.fakes.inngest import StandIn
-from tests.support.postgres import PostgresServer, PostgresUnavailable, connect_or_start
+from tests.support import npm
+from tests.support.postgres import (
+    PostgresServer,
+    PostgresUnavailable,
+    connect_or_start,
+    postgres_copy,
+)
 from tests.support.s3 import MotoS3, start_moto
-from tests.support.service import METRICS_TOKEN, USER, base_env, run_cli
-from tests.support.service import PASSWORD as SERVICE_PASSWORD
+from tests.support.service import METRICS_TOKEN, base_env, call_cli, set_up_database
 
 PASSWORD = "correct horse battery staple"
 # argon2id at its lowest cost: hashing with the library's defaults takes ~0.13 s
@@ -32,6 +40,29 @@ PASSWORD = "correct horse battery staple"
 # suite's time. Tests marked real_password_hashing, and every service process
 # the tests start, use the real cost.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+# Where the session's files go (tmp_path, the PostgreSQL cluster, service logs):
+# RAM (/dev/shm) when the machine has it. Every SQLite commit syncs
+# (synchronous=FULL) and every CREATE DATABASE writes megabytes: on a shared
+# virtual disk that was half the suite's time. What the tests check is the
+# same on tmpfs: a killed process, not a lost machine, is all a test can cause.
+# --basetemp, or TMPDIR set to somewhere else, chooses otherwise.
+RAM_DIRECTORY = "/dev/shm"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen = config.option.basetemp or os.environ.get("TMPDIR")
+    if not chosen and os.path.isdir(RAM_DIRECTORY) and os.access(RAM_DIRECTORY, os.W_OK):
+        tempfile.tempdir = RAM_DIRECTORY
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    npm.start_if_needed(session)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    npm.stop(session)
 
 
 @pytest.fixture(autouse=True)
@@ -84,10 +115,12 @@ async def inngest(aiohttp_server) -> StandIn:
 
 
 @pytest.fixture
-def service_env(tmp_path: Path, moto_s3: MotoS3) -> dict[str, str]:
+def service_env(tmp_path: Path, moto_s3: MotoS3, sqlite_with_user: Path) -> dict[str, str]:
     """Production settings for a real service process: migrated SQLite file, user alice."""
-    env = base_env(
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'service.db'}",
+    database = tmp_path / "service.db"
+    shutil.copyfile(sqlite_with_user, database)
+    return base_env(
+        DATABASE_URL=f"sqlite+aiosqlite:///{database}",
         SESSION_SECRET=base64.urlsafe_b64encode(os.urandom(32)).decode(),
         S3_BUCKET=moto_s3.bucket,
         AWS_ENDPOINT_URL_S3=moto_s3.endpoint,
@@ -101,24 +134,65 @@ def service_env(tmp_path: Path, moto_s3: MotoS3) -> dict[str, str]:
         SESSION_COOKIE_SECURE="false",
         METRICS_TOKEN=METRICS_TOKEN,
     )
-    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
-    added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    return env
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_service_env(
-    request: pytest.FixtureRequest, service_env: dict[str, str], tmp_path: Path
-) -> dict[str, str]:
+    request: pytest.FixtureRequest, service_env: dict[str, str]
+) -> Iterator[dict[str, str]]:
     """``service_env`` on a SQLite file, then on a fresh PostgreSQL database."""
     if request.param == "sqlite":
-        return service_env
-    env = {**service_env, "DATABASE_URL": request.getfixturevalue("postgres").create_database()}
-    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
-    added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    return env
+        yield service_env
+        return
+    yield {**service_env, "DATABASE_URL": postgres_copy(request, "postgres_with_user")}
+
+
+# Templates: each test's database is a copy of one set up once per session by
+# `migrate` (and `users add` for the service processes' user), run in-process,
+# instead of a migration per test (hundreds of them) and two processes per
+# service test. tests/test_migrations.py migrates empty databases;
+# tests/test_cli.py runs those commands as processes.
+
+
+@pytest.fixture(scope="session")
+def sqlite_migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template-migrated") / "outbox.db"
+    migrated = call_cli("migrate", env=base_env(DATABASE_URL=sqlite_url(path)), cwd=path.parent)
+    assert migrated.returncode == 0, migrated.stderr
+    return _settled(path)
+
+
+@pytest.fixture(scope="session")
+def sqlite_with_user(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template-user") / "service.db"
+    set_up_database(sqlite_url(path), cwd=path.parent)
+    return _settled(path)
+
+
+def _settled(path: Path) -> Path:
+    """A SQLite template is copied as one file: nothing may be left in a WAL."""
+    assert not Path(f"{path}-wal").exists(), "the template's last connection did not checkpoint"
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_migrated(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = postgres.create_database()
+    cwd = tmp_path_factory.mktemp("template-pg")
+    migrated = call_cli("migrate", env=base_env(DATABASE_URL=url), cwd=cwd)
+    assert migrated.returncode == 0, migrated.stderr
+    return make_url(url).database  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def postgres_with_user(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = postgres.create_database()
+    set_up_database(url, cwd=tmp_path_factory.mktemp("template-pg-user"))
+    return make_url(url).database  # type: ignore[return-value]
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
 
 
 @pytest.fixture(scope="session")
@@ -138,17 +212,26 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Every test that touches the database runs on both: a SQLite file, and a
-    fresh database on a real PostgreSQL server."""
+    fresh database on a real PostgreSQL server; migrated (a copy of a template
+    migrated by Alembic)."""
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}"
-    return request.getfixturevalue("postgres").create_database()
+        path = tmp_path / "outbox.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_migrated"), path)
+        return sqlite_url(path)
+    return postgres_copy(request, "postgres_migrated")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """``db_url`` before any migration: no table at all."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "empty.db")
+    return postgres_copy(request, None)
 
 
 @pytest_asyncio.fixture
 async def db(db_url: str) -> AsyncIterator[Database]:
-    database = open_database(db_url)
-    await migrate.upgrade(database.engine)
-    async with database:
+    async with open_database(db_url) as database:
         yield database
 
 

@@ -1,4 +1,6 @@
-"""The `inngest-outbox` command as a user runs it: exit codes and messages."""
+"""The `inngest-outbox` command as a user runs it: exit codes and messages.
+Real processes, but for users add's table of bad input (main() in-process:
+see support.service.call_cli)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from service import cli, migrate
 from tests.support.s3 import MotoS3
-from tests.support.service import ServiceProcess, base_env, run_cli
+from tests.support.service import ServiceProcess, base_env, call_cli, run_cli
 
 SECRET = base64.urlsafe_b64encode(os.urandom(32)).decode()
 
@@ -64,8 +66,8 @@ def test_migrate_then_add_users_from_stdin(tmp_path: Path, env: dict[str, str]) 
 def test_users_add_refuses_bad_input(
     tmp_path: Path, env: dict[str, str], name: str, password: str, message: str
 ) -> None:
-    run_cli("migrate", env=env, cwd=tmp_path)
-    result = run_cli("users", "add", name, env=env, cwd=tmp_path, input=password + "\n")
+    call_cli("migrate", env=env, cwd=tmp_path)
+    result = call_cli("users", "add", name, env=env, cwd=tmp_path, input=password + "\n")
     assert result.returncode == 2
     assert result.stderr.startswith(f"inngest-outbox: {message}")
 

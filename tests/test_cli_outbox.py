@@ -1,4 +1,5 @@
-"""The operators' commands as a person and a script run them: real processes."""
+"""The operators' commands as a person and a script run them: their arguments,
+exit statuses, stdout and stderr (main() in this process; see support.service.call_cli)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from service import migrate
 from service.config import Settings
 from service.store.database import Database
 from tests.fakes.inngest import POISON_ERROR, StandIn
-from tests.support.service import ServiceProcess, base_env, poll_until, run_cli
+from tests.support.service import ServiceProcess, base_env, call_cli, poll_until
 from tests.test_delivery import enqueue, make_worker, states
 from tests.test_operations import fail_for_good
 from tests.test_worker_process import env as process_env  # noqa: F401 (fixture)
@@ -28,7 +29,7 @@ def cli_env(db: Database) -> dict[str, str]:
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
-    result = run_cli(*args, env=env, cwd=cwd)
+    result = call_cli(*args, env=env, cwd=cwd)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -131,7 +132,7 @@ async def test_status_list_show_replay_and_purge(
 def migrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], Path]:
     cwd = tmp_path_factory.mktemp("cli")
     env = base_env(DATABASE_URL=f"sqlite+aiosqlite:///{cwd / 'x.db'}")
-    assert run_cli("migrate", env=env, cwd=cwd).returncode == 0
+    assert cli("migrate", env=env, cwd=cwd)[0] == 0
     return env, cwd
 
 
@@ -220,7 +221,7 @@ async def test_replay_of_a_filtered_set_while_the_worker_runs(
 
 def test_operator_commands_refuse_a_schema_behind_the_code(tmp_path: Path) -> None:
     env = base_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
-    assert run_cli("migrate", "0003", env=env, cwd=tmp_path).returncode == 0
+    assert cli("migrate", "0003", env=env, cwd=tmp_path)[0] == 0
     code, out, err = cli("status", env=env, cwd=tmp_path)
     assert (code, out) == (2, "")
     assert err.endswith(

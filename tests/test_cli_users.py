@@ -14,11 +14,11 @@ from tests.support.service import (
     PASSWORD,
     USER,
     ServiceProcess,
+    call_cli,
     http_session,
     log_in,
     poll_until,
     query,
-    run_cli,
 )
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def env(service_env: dict[str, str]) -> dict[str, str]:
 
 
 async def cli(env: dict[str, str], cwd: Path, *args: str, input: str | None = None):  # type: ignore[no-untyped-def]
-    return await asyncio.to_thread(run_cli, *args, env=env, cwd=cwd, input=input)
+    return await asyncio.to_thread(call_cli, *args, env=env, cwd=cwd, input=input)
 
 
 async def me(http: aiohttp.ClientSession, url: str) -> int:

@@ -33,7 +33,7 @@ from tests.support.service import (
     log_in,
     poll_until,
     query,
-    run_cli,
+    set_up_database,
 )
 from tests.support.service import (
     PASSWORD as SERVICE_PASSWORD,
@@ -207,9 +207,7 @@ async def test_postgres_down_and_back(
         # Every request reads its session row, so reads meet the outage too.
         "SESSION_CHECK_SECONDS": "0",
     }
-    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
-    added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    await asyncio.to_thread(set_up_database, env["DATABASE_URL"], tmp_path)
     service = await ServiceProcess(["serve"], env=env, cwd=tmp_path).started()
     acknowledged: list[str] = []
     try:
@@ -282,9 +280,7 @@ async def test_postgres_crash_under_load_loses_nothing_and_answers_503(
         "WORKER_LEASE_SECONDS": "5",
         "SESSION_CHECK_SECONDS": "0",  # every request reads the database
     }
-    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
-    added = run_cli("users", "add", USER, env=env, cwd=tmp_path, input=SERVICE_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    await asyncio.to_thread(set_up_database, env["DATABASE_URL"], tmp_path)
     worker_env = {**env, "LOG_LEVEL": "INFO"}  # to see them start
     workers = [ServiceProcess(["worker"], env=worker_env, cwd=tmp_path) for _ in range(2)]
     api = ServiceProcess(["serve", "--no-worker"], env=env, cwd=tmp_path)
@@ -433,9 +429,7 @@ async def test_a_full_disk_is_503_and_the_service_recovers(
         "INNGEST_BASE_URL": inngest.base_url,  # type: ignore[attr-defined]
         "INNGEST_EVENT_KEY": inngest.event_key,
     }
-    assert run_cli("migrate", env=env, cwd=small_disk).returncode == 0
-    added = run_cli("users", "add", USER, env=env, cwd=small_disk, input=SERVICE_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    await asyncio.to_thread(set_up_database, env["DATABASE_URL"], small_disk)
     # The log goes elsewhere: a full disk must not stop the test reading it.
     logs = Path(tempfile.mkdtemp(prefix="full-disk-logs-"))
     service = await ServiceProcess(["serve"], env=env, cwd=logs).started()

@@ -23,8 +23,8 @@ async def tables(engine) -> set[str]:
         return set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
 
 
-async def test_upgrade_downgrade_upgrade(db_url: str) -> None:
-    engine = create_engine(db_url)
+async def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
+    engine = create_engine(empty_db_url)
     try:
         await migrate.upgrade(engine)
         assert {"users", "documents", "outbox"} <= await tables(engine)

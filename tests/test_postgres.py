@@ -12,28 +12,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.store.database import Database
 from service.store.postgres.listener import Listener
 from tests.fakes.inngest import StandIn
-from tests.support.postgres import PostgresServer
-from tests.support.service import ServiceProcess, http_session, log_in, query, run_cli
+from tests.support.postgres import postgres_copy
+from tests.support.service import ServiceProcess, http_session, log_in, query
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def pg_env(
-    service_env: dict[str, str], postgres: PostgresServer, inngest: StandIn, tmp_path: Path
+    request: pytest.FixtureRequest, service_env: dict[str, str], inngest: StandIn
 ) -> dict[str, str]:
     env = {
         **service_env,
-        "DATABASE_URL": postgres.create_database(),
+        "DATABASE_URL": postgres_copy(request, "postgres_with_user"),
         "INNGEST_BASE_URL": inngest.base_url,  # type: ignore[attr-defined]
         "INNGEST_EVENT_KEY": inngest.event_key,
         # A minute's poll: only a notification can deliver within the tests' timeouts.
         "WORKER_POLL_SECONDS": "60",
         "LOG_LEVEL": "INFO",
     }
-    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
-    added = run_cli("users", "add", "alice", env=env, cwd=tmp_path, input="a long password\n")
-    assert added.returncode == 0, added.stderr
     return env
 
 

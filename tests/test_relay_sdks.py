@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +21,13 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.inngest import StandIn
+from tests.support import npm
 from tests.support.net import free_port
-from tests.support.service import ServiceProcess, base_env, poll_until, query, run_cli
+from tests.support.service import ServiceProcess, base_env, call_cli, poll_until, query
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parent.parent
-# The JavaScript SDK's major version under test; npm installs its newest release.
-INNGEST_JS = "inngest@4"
-NPM_CACHE = PROJECT / ".cache" / "npm" / INNGEST_JS.replace("@", "-")
-SEND_JS = PROJECT / "tests" / "js" / "send.cjs"
+SEND_JS = npm.PROJECT / "tests" / "js" / "send.cjs"
 
 PYTHON_SENDER = """
 import json, inngest
@@ -46,29 +42,16 @@ print(json.dumps({"one": one, "many": many}))
 
 
 @pytest.fixture(scope="session")
-def inngest_js() -> Path:
-    """node_modules holding the official JavaScript SDK, installed once into .cache/."""
-    package = NPM_CACHE / "node_modules" / "inngest" / "package.json"
-    if package.exists():
-        return NPM_CACHE / "node_modules"
-    problem = None
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        problem = "node and npm are not installed"
-    else:
-        NPM_CACHE.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            ["npm", "install", "--prefix", str(NPM_CACHE), "--no-audit", "--no-fund", INNGEST_JS],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if done.returncode != 0 or not package.exists():
-            problem = f"npm install {INNGEST_JS} failed:\n{done.stderr[-2000:]}"
-    if problem is not None:
-        if os.environ.get("CI"):
-            pytest.fail(problem)  # CI runs the SDK's tests, never skips them
-        pytest.skip(problem)
-    return NPM_CACHE / "node_modules"
+def inngest_js(pytestconfig: pytest.Config) -> Path:
+    """node_modules holding the official JavaScript SDK (see support.npm)."""
+    if not npm.installed():
+        install = pytestconfig.stash.get(npm.INSTALL, None) or npm.Install().start()
+        problem = install.wait()
+        if problem is not None:
+            if os.environ.get("CI"):
+                pytest.fail(problem)  # CI runs the SDK's tests, never skips them
+            pytest.skip(problem)
+    return npm.NODE_MODULES
 
 
 @pytest.fixture
@@ -84,7 +67,7 @@ def relay_env(service_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "RETRY_MAX_ATTEMPTS": "1000",
         "WORKER_POLL_SECONDS": "0.2",
     }
-    added = run_cli("keys", "add", "shop", env=env, cwd=tmp_path)
+    added = call_cli("keys", "add", "shop", env=env, cwd=tmp_path)
     assert added.returncode == 0, added.stderr
     env["RELAY_KEY"] = added.stdout.strip().splitlines()[-1]
     env["STAND_IN_PORT"] = str(port)
@@ -200,7 +183,7 @@ async def test_the_example_route_sends_its_event_durably(
 async def test_an_sdk_with_a_revoked_key_is_refused(
     relay_env: dict[str, str], tmp_path: Path
 ) -> None:
-    revoked = run_cli("keys", "revoke", "shop", env=relay_env, cwd=tmp_path)
+    revoked = call_cli("keys", "revoke", "shop", env=relay_env, cwd=tmp_path)
     assert revoked.returncode == 0, revoked.stderr
     api = await ServiceProcess(["serve"], env=relay_env, cwd=tmp_path).started()
     try:

@@ -17,7 +17,7 @@ import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from service import auth, migrate, outbox
+from service import auth, outbox
 from service.ids import new_event_id
 from service.models import documents, relay_keys
 from service.models import outbox as outbox_table
@@ -42,9 +42,9 @@ LEASE = HandOff(owner="w-here", token="0f1e2d3c-0000-4000-8000-000000000001", ex
 
 @pytest_asyncio.fixture
 async def store(db_url: str) -> AsyncIterator[Database]:
-    """The store as the service opens it (on SQLite, with its rows process)."""
+    """The store as the service opens it (on SQLite, with its rows process),
+    on a migrated database (see conftest's db_url)."""
     database = open_database(db_url, rows_process=True)
-    await migrate.upgrade(database.engine)
     async with database:
         yield database
 

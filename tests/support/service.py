@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
+from argon2 import PasswordHasher
 
 from tests.support.net import free_port, wait_for_port
 
@@ -40,6 +46,92 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def call_cli(
+    *args: str, env: dict[str, str], cwd: Path, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``run_cli`` without the process: the command's ``main()`` in this one,
+    with the same environment, working directory, stdin, stdout and stderr,
+    and its exit status. A Python start-up with the service's imports costs
+    about a second; tests of what a command does use this, the tests of the
+    command line as such (tests/test_cli.py) start the real process.
+
+    It swaps process-wide state for the call (os.environ, the working
+    directory, sys.std*, the root logger), so calls must not overlap; main()
+    runs on a thread of its own because it calls asyncio.run(), which may
+    not run on a thread whose loop is running or set (an async test's)."""
+    from service import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["code"] = cli.main(list(args))
+        except SystemExit as exc:  # argparse's exits and parser.exit()
+            outcome["code"] = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException as exc:  # raised again on the caller's thread
+            outcome["error"] = exc
+
+    saved_logging = [(logger, logger.level, logger.handlers[:]) for logger in _cli_loggers()]
+    saved_environ = dict(os.environ)
+    saved_cwd = os.getcwd()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        with (
+            _swapped_stdin(io.StringIO(input or "")),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            thread = threading.Thread(target=run, name="call_cli")
+            thread.start()
+            thread.join()
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        for logger, level, handlers in saved_logging:
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return subprocess.CompletedProcess(
+        ["inngest-outbox", *args], int(outcome["code"] or 0), stdout.getvalue(), stderr.getvalue()
+    )
+
+
+def _cli_loggers() -> list[logging.Logger]:
+    """The loggers service.logs.configure_logging sets: the root and the credential loggers."""
+    from service.logs import CREDENTIAL_LOGGERS
+
+    return [logging.getLogger(), *(logging.getLogger(name) for name in CREDENTIAL_LOGGERS)]
+
+
+@contextlib.contextmanager
+def _swapped_stdin(stdin: io.StringIO):  # type: ignore[no-untyped-def]
+    saved, sys.stdin = sys.stdin, stdin
+    try:
+        yield
+    finally:
+        sys.stdin = saved
+
+
+def set_up_database(url: str, cwd: Path) -> None:
+    """What an operator does before the first `serve`: `migrate`, then
+    `users add` USER, hashed at the service's real argon2 cost (the tests'
+    fast hasher is for their in-process apps; service processes verify this)."""
+    from service import auth
+
+    env = base_env(DATABASE_URL=url, LOG_LEVEL="WARNING")
+    migrated = call_cli("migrate", env=env, cwd=cwd)
+    assert migrated.returncode == 0, migrated.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(auth, "_hasher", PasswordHasher)
+        added = call_cli("users", "add", USER, env=env, cwd=cwd, input=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
 
 
 class ServiceProcess:
