@@ -369,3 +369,40 @@ async def test_on_the_fast_path_an_answer_waits_for_its_commit(
         assert await counts(db.engine) == (1, 1)
     finally:
         blocker.close()
+
+
+async def test_a_small_relay_batch_goes_to_the_process_and_a_large_one_to_the_thread(
+    served: tuple[Database, object, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    import orjson
+
+    from service import relay, relay_keys
+    from service.intake import DocumentIntake, Relayed, RelayRequest
+    from service.store.sqlite import database as sqlite_database
+
+    db, intake, _ = served
+    assert isinstance(intake, DocumentIntake)
+    await relay_keys.add_key(db, "app", now=datetime(2026, 1, 1, tzinfo=UTC))
+    monkeypatch.setattr(sqlite_database, "RELAY_ROWS_PROCESS_EVENTS", 3)
+
+    def request(count: int) -> RelayRequest:
+        at = datetime.now(UTC)
+        body = orjson.dumps([{"name": f"a/{i}"} for i in range(count)])
+        events = relay.read_events(
+            body, origin="app", seed=None, received_at=at, max_event_bytes=1 << 20
+        )
+        return RelayRequest("app", events, at)
+
+    writer = db._writer  # type: ignore[attr-defined]
+    before = writer.transactions
+    small = request(3)
+    assert await intake.relay(small) == Relayed(3)
+    assert writer.transactions == before  # written by the rows process
+    large = request(4)
+    assert await intake.relay(large) == Relayed(4)
+    assert writer.transactions == before + 1  # written by the thread
+    async with db.engine.connect() as conn:
+        stored = set(await conn.scalars(sa.text("SELECT id FROM outbox WHERE origin = 'app'")))
+    assert stored == {e.id for e in [*small.events, *large.events]}

@@ -28,6 +28,10 @@ from .writer import Rows, SQLiteWriter
 log = logging.getLogger(__name__)
 
 
+# The most events a relay batch may hold to go through the rows process.
+RELAY_ROWS_PROCESS_EVENTS = 1000
+
+
 class SQLiteDatabase(Database):
     def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
         """``rows_process``: on a file, the intake's rows are written by a
@@ -144,17 +148,20 @@ class SQLiteDatabase(Database):
             except DatabaseClosed as exc:
                 answer(None, exc)
 
-        # The hot path: one statement for the batch's events and its keys' use,
-        # on the writer thread, where it shares a transaction with the
-        # worker's marks. (Through the rows process, requests of 100 events
-        # went at a third of this rate: docs/performance.md.)
+        # The hot path: one statement for the batch's events and its keys' use.
+        # A batch of few events goes as the intake's rows do (the rows process
+        # when running); a large one to the writer thread, where it shares a
+        # transaction with the worker's marks: through the rows process,
+        # requests of 100 events went at a third of the thread's rate, the
+        # process's long statements and the thread's marks taking turns at
+        # SQLite's write lock (docs/performance.md).
+        rows = outbox_sql.RelayedRows(batch, hand_off, self.before_commit)
+        if sum(len(p.submission.events) for p in batch) <= RELAY_ROWS_PROCESS_EVENTS:  # type: ignore[attr-defined]
+            self.submit_rows(rows, written)
+            return
         if self._closed:
             raise DatabaseClosed()
-        self._writer.submit_rows(
-            outbox_sql.RelayedRows(batch, hand_off, self.before_commit),
-            written,
-            asyncio.get_running_loop(),
-        )
+        self._writer.submit_rows(rows, written, asyncio.get_running_loop())
 
     def _insert_relayed_skipping(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
