@@ -22,6 +22,8 @@ import procrastinate
 from aiohttp import web
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
+from bench.seeds import login  # the same login as the other baseline server
+
 PROCRASTINATE = web.AppKey("procrastinate", procrastinate.App)
 
 
@@ -35,12 +37,6 @@ def procrastinate_app(dsn: str) -> procrastinate.App:
         pass
 
     return app
-
-
-async def login(request: web.Request) -> web.Response:
-    session = await aiohttp_session.new_session(request)
-    session["uid"] = 1
-    return web.json_response({"status": "ok"})
 
 
 async def api(request: web.Request) -> web.Response:

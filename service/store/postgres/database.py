@@ -54,6 +54,23 @@ async def _keep_session(_conn: Any) -> None:
     never sets; an open transaction is rolled back either way."""
 
 
+def _outbox_row(event: NewEvent, lease: tuple[Any, ...]) -> dict[str, Any]:
+    """A new outbox row's values, under ``lease`` (lease_values)."""
+    status, owner, token, expires_at = lease
+    return {
+        "id": event.id,
+        "event_name": event.name,
+        "payload": event.payload,
+        "status": status,
+        "attempts": 0,
+        "available_at": event.created_at,
+        "created_at": event.created_at,
+        "lease_owner": owner,
+        "lease_token": token,
+        "lease_expires_at": expires_at,
+    }
+
+
 class PostgresDatabase(Database):
     def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
         super().__init__(url, **engine_kwargs)  # rows_process: SQLite's alone
@@ -145,23 +162,8 @@ class PostgresDatabase(Database):
     def _insert_relayed(
         self, conn: Connection, rows: list[tuple[NewEvent, str]], hand_off: HandOff | None
     ) -> set[str]:
-        status, owner, token, expires_at = lease_values(hand_off)
-        values = [
-            {
-                "id": e.id,
-                "event_name": e.name,
-                "payload": e.payload,
-                "origin": origin,
-                "status": status,
-                "attempts": 0,
-                "available_at": e.created_at,
-                "created_at": e.created_at,
-                "lease_owner": owner,
-                "lease_token": token,
-                "lease_expires_at": expires_at,
-            }
-            for e, origin in rows
-        ]
+        lease = lease_values(hand_off)
+        values = [{**_outbox_row(e, lease), "origin": origin} for e, origin in rows]
         # One INSERT of many VALUES rows (SQLAlchemy's insertmanyvalues).
         written = set(conn.scalars(_RELAYED, values))
         if written and hand_off is None:
@@ -173,25 +175,8 @@ class PostgresDatabase(Database):
     ) -> None:
         if not events:
             return
-        status, owner, token, expires_at = lease_values(hand_off)
-        conn.execute(
-            outbox.insert(),
-            [
-                {
-                    "id": e.id,
-                    "event_name": e.name,
-                    "payload": e.payload,
-                    "status": status,
-                    "attempts": 0,
-                    "available_at": e.created_at,
-                    "created_at": e.created_at,
-                    "lease_owner": owner,
-                    "lease_token": token,
-                    "lease_expires_at": expires_at,
-                }
-                for e in events
-            ],
-        )
+        lease = lease_values(hand_off)
+        conn.execute(outbox.insert(), [_outbox_row(e, lease) for e in events])
         if hand_off is None:  # handed-off rows are this process's worker's already
             self.notify(conn)
 
