@@ -87,6 +87,17 @@ class Metrics:
             registry=r,
         )
         self._outbox_read_at: float | None = None
+        # Each key's two counters, found once: labels() costs a lock and a
+        # look-up on every relay request otherwise.
+        self._relay_counters: dict[str, tuple[Counter, Counter]] = {}
+
+    def relay_counters(self, key: str) -> tuple[Counter, Counter]:
+        """The counters of events received and stored for relay key ``key``."""
+        counters = self._relay_counters.get(key)
+        if counters is None:
+            counters = (self.relay_received.labels(key), self.relay_stored.labels(key))
+            self._relay_counters[key] = counters
+        return counters
 
     def outbox_due(self, now: float) -> bool:
         """Whether the outbox gauges are stale (and, if so, now taken as refreshed)."""
