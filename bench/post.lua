@@ -1,14 +1,7 @@
 -- wrk script: POST the same JSON document; with IDS_DIR set, write every
 -- acknowledged event id to a file per thread, so the benchmark can check each
 -- one is in the database.
-local threads = {}
-local counter = 0
-
-function setup(thread)
-  counter = counter + 1
-  thread:set("tid", counter)
-  table.insert(threads, thread)
-end
+dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "counts.lua")
 
 function init(args)
   acked, refused, other = 0, 0, 0
@@ -31,27 +24,9 @@ if cookie and cookie ~= "" then
 end
 
 function response(status, headers, body)
-  if status == 200 then
-    acked = acked + 1
-    if ids then
-      local id = body:match('"id": *"([^"]+)"')
-      if id then ids:write(id, "\n") end
-    end
-  elseif status == 503 then
-    refused = refused + 1
-  else
-    other = other + 1
+  count(status)
+  if status == 200 and ids then
+    local id = body:match('"id": *"([^"]+)"')
+    if id then ids:write(id, "\n") end
   end
-end
-
-function done(summary, latency, requests)
-  local a, r, o = 0, 0, 0
-  for _, thread in ipairs(threads) do
-    a = a + thread:get("acked")
-    r = r + thread:get("refused")
-    o = o + thread:get("other")
-  end
-  io.write(string.format("STATUS ok=%d refused503=%d other=%d\n", a, r, o))
-  io.write(string.format("LATENCY p50=%.3f p99=%.3f\n",
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
 end
