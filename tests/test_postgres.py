@@ -1,16 +1,18 @@
-"""PostgreSQL specifics: LISTEN/NOTIFY wake-ups across processes, and claims
-that skip each other's locked rows."""
+"""PostgreSQL specifics: LISTEN/NOTIFY wake-ups across processes, claims that
+skip each other's locked rows, and the hot path's connections."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store.database import Database
-from service.store.postgres.listener import Listener
+from service.store.postgres.connections import HotConnections
+from service.store.postgres.listener import Listener, asyncpg_dsn
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import postgres_copy
 from tests.support.service import ServiceProcess, http_session, log_in, query
@@ -143,3 +145,139 @@ async def test_two_api_and_two_worker_processes_lose_nothing_when_a_worker_is_ki
     assert set(counts) == set(acknowledged)
     # Sent twice only what the killed worker may have had in flight.
     assert {i for i, n in counts.items() if n > 1} <= in_flight
+
+
+async def backend_pid(conn: Any) -> int:
+    return int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_time(
+    db_url: str,
+) -> None:
+    hot = HotConnections(asyncpg_dsn(db_url), 2)
+    try:
+        first = await hot.run(backend_pid)
+        assert await hot.run(backend_pid) == first  # kept, not reopened
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold(conn: Any) -> int:
+            held.set()
+            await release.wait()
+            return await backend_pid(conn)
+
+        holding = [asyncio.create_task(hot.run(hold)) for _ in range(2)]
+        await held.wait()
+        waiting = asyncio.create_task(hot.run(backend_pid))
+        await asyncio.sleep(0)  # every task has had its turn: the third waits
+        assert not waiting.done()
+        assert hot.open == 2
+        release.set()
+        pids = await asyncio.gather(*holding)
+        assert len(set(pids)) == 2 and first in pids  # two connections at once, no third
+        assert await waiting in pids  # the one given back, not a new one
+        assert hot.open == 2
+    finally:
+        await hot.close()
+    assert hot.open == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_statement_the_server_refuses_keeps_its_connection(db_url: str) -> None:
+    import asyncpg
+
+    hot = HotConnections(asyncpg_dsn(db_url), 1)
+    try:
+        first = await hot.run(backend_pid)
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await hot.run(lambda conn: conn.fetchval("SELECT 1 / 0"))
+        assert await hot.run(backend_pid) == first
+
+        async def open_a_transaction_and_fail(conn: Any) -> None:
+            await conn.execute("BEGIN")
+            await conn.fetchval("SELECT 1 / 0")
+
+        # A transaction left open (aborted) is never lent again: the next
+        # statement would fail in it, or worse, commit inside it.
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await hot.run(open_a_transaction_and_fail)
+        assert await hot.run(backend_pid) != first
+    finally:
+        await hot.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_cancelled_statement_drops_its_connection_and_a_waiter_gets_a_fresh_one(
+    db_url: str,
+) -> None:
+    hot = HotConnections(asyncpg_dsn(db_url), 1)
+    try:
+        first = await hot.run(backend_pid)
+        sent = asyncio.Event()
+
+        async def sleep(conn: Any) -> None:
+            sent.set()  # the task goes on to send the statement before the test resumes
+            await conn.execute("SELECT pg_sleep(30)")
+
+        sleeping = asyncio.create_task(hot.run(sleep))
+        waiting = asyncio.create_task(hot.run(backend_pid))
+        await sent.wait()
+        sleeping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeping
+        async with asyncio.timeout(10):
+            second = await waiting  # woken to open a connection of its own
+        assert second != first
+        assert hot.open == 1
+    finally:
+        await hot.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_connection_lost_between_statements_is_replaced(db_url: str) -> None:
+    import asyncpg
+
+    hot = HotConnections(asyncpg_dsn(db_url), 1)
+    try:
+        first = await hot.run(backend_pid)
+        admin = await asyncpg.connect(asyncpg_dsn(db_url))
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", first)
+        finally:
+            await admin.close()
+        # The statement on the dead connection fails (the caller's error to
+        # answer); the connection is not lent again.
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await hot.run(backend_pid)
+        assert await hot.run(backend_pid) != first
+        assert hot.open == 1
+    finally:
+        await hot.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_statement_cancelled_while_it_waits_for_a_connection_takes_none(
+    db_url: str,
+) -> None:
+    hot = HotConnections(asyncpg_dsn(db_url), 1)
+    try:
+        release = asyncio.Event()
+
+        async def hold(conn: Any) -> int:
+            await release.wait()
+            return await backend_pid(conn)
+
+        holder = asyncio.create_task(hot.run(hold))
+        await asyncio.sleep(0)
+        given_up = asyncio.create_task(hot.run(backend_pid))
+        after = asyncio.create_task(hot.run(backend_pid))
+        await asyncio.sleep(0)
+        given_up.cancel()
+        release.set()
+        pid = await holder
+        assert await after == pid  # the connection went past the cancelled waiter
+        assert given_up.cancelled()
+        assert hot.open == 1
+    finally:
+        await hot.close()

@@ -4,8 +4,9 @@ other's rows; a NOTIFY at the commit of new rows wakes every host's workers
 (listener.py).
 
 The hot path (the intake's documents and events, the claim, the delivered
-mark) runs on asyncpg itself, one statement each (outbox_sql.py), from a pool
-of its own; everything else on SQLAlchemy's async engine."""
+mark) runs on asyncpg itself, one statement each (outbox_sql.py), on
+connections of its own (connections.py); everything else on SQLAlchemy's
+async engine."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from ..database import Database, Done, PendingSubmission, RowsRefused, T, Writte
 from ..errors import DatabaseClosed
 from ..submissions import write_relayed, write_submissions
 from . import outbox_sql
+from .connections import HotConnections
 from .listener import NOTIFY_SQL, Listener, asyncpg_dsn
 
 # Relayed events: an id already in the outbox is left as it is (and the second
@@ -45,13 +47,7 @@ _RELAYED = (
 
 # The hot path's connections: as many as the intake's batches in flight and the
 # worker's sends, each a prepared statement's home.
-HOT_POOL_SIZE = 8
-
-
-async def _keep_session(_conn: Any) -> None:
-    """The pool's reset on release: nothing. asyncpg's own default sends a query
-    a release (RESET ALL, UNLISTEN *, ...) to undo session state the hot path
-    never sets; an open transaction is rolled back either way."""
+HOT_CONNECTIONS = 8
 
 
 def _outbox_row(event: NewEvent, lease: tuple[Any, ...]) -> dict[str, Any]:
@@ -74,15 +70,10 @@ def _outbox_row(event: NewEvent, lease: tuple[Any, ...]) -> dict[str, Any]:
 class PostgresDatabase(Database):
     def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
         super().__init__(url, **engine_kwargs)  # rows_process: SQLite's alone
-        self._hot: Any = None  # asyncpg.Pool, once started
+        self._hot: HotConnections | None = None  # once started
 
     async def start(self) -> None:
-        import asyncpg  # the postgresql extra
-
-        self._hot = asyncpg.create_pool(
-            asyncpg_dsn(self.url), min_size=0, max_size=HOT_POOL_SIZE, reset=_keep_session
-        )
-        await self._hot
+        self._hot = HotConnections(asyncpg_dsn(self.url), HOT_CONNECTIONS)
 
     async def close(self) -> None:
         await super().close()
@@ -91,18 +82,31 @@ class PostgresDatabase(Database):
             await self._hot.close()
 
     def _on_hot(self, job: Callable[[Any], Awaitable[T]], done: Done) -> None:
-        """Run ``job(connection)`` on a connection of the hot pool; ``done`` as submit's."""
+        """Run ``job(connection)`` on a hot connection; ``done`` as submit's."""
         if self._closed:
             raise DatabaseClosed()
-        task = asyncio.get_running_loop().create_task(self._run_hot(job))
+        task = asyncio.get_running_loop().create_task(self._hot_then(job, done))
         self._submitted.add(task)
-        task.add_done_callback(lambda t: self._finish_submitted(t, done))
+        task.add_done_callback(self._submitted.discard)
+
+    async def _hot_then(self, job: Callable[[Any], Awaitable[T]], done: Done) -> None:
+        # ``done`` is called from the statement's own task, not from a done
+        # callback of it: under load that is one turn of the loop less
+        # between the commit and the requests' answers.
+        try:
+            result = await self._run_hot(job)
+        except asyncio.CancelledError:
+            done(None, DatabaseClosed())
+            raise
+        except Exception as error:
+            done(None, error)
+        else:
+            done(result, None)
 
     async def _run_hot(self, job: Callable[[Any], Awaitable[T]]) -> T:
         if self._closed:
             raise DatabaseClosed()
-        async with self._hot.acquire() as conn:
-            return await job(conn)
+        return await self._hot.run(job)
 
     def insert_submissions(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
