@@ -96,7 +96,7 @@ class DocumentIntake:
         *,
         queue_limit: int = 4096,
         batch_limit: int = 512,
-        batches_in_flight: int = 4,
+        batches_in_flight: int | None = None,
         on_commit: Callable[[int], None] | None = None,
     ) -> None:
         self._db = db
@@ -104,7 +104,8 @@ class DocumentIntake:
         self._relays: collections.deque[_Pending] = collections.deque()
         self._flush_scheduled = False
         self._in_flight = 0  # batches given to the database, not yet answered
-        self._batches_in_flight = batches_in_flight
+        # None: as many as the store takes at once.
+        self._batches_in_flight = batches_in_flight or db.batches_in_flight
         self._limit = queue_limit
         self._outstanding = 0
         self._batch_limit = batch_limit

@@ -114,6 +114,37 @@ async def test_concurrent_submissions_share_commits(
     assert intake.commits == 2
 
 
+async def test_requests_wait_while_the_store_holds_all_the_batches_it_takes_then_go_as_one(
+    db: Database, engine: AsyncEngine, user: auth.User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intake = DocumentIntake(db, batch_limit=50)
+    await intake.start()
+    gate = Gate()
+    db.before_commit = gate
+    blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
+    await gate.entered.wait()
+    db.before_commit = None
+    given = batches_given(db, monkeypatch)
+    subs = [submission(user, f"d{i}") for i in range(6)]
+    tasks = []
+    for queued, sub in enumerate(subs, start=2):
+        tasks.append(asyncio.create_task(intake.submit(sub)))
+        # Queued: its flush runs before the next request arrives, so each
+        # would be a batch of its own if the store took it.
+        await until(lambda queued=queued: intake.queued == queued)
+    await asyncio.sleep(0)  # the last one's flush
+    taken = db.batches_in_flight - 1  # besides the blocker's
+    assert [len(batch) for batch in given] == [1] * taken
+    gate.release.set()
+    await blocker
+    results = await asyncio.gather(*tasks)
+    await intake.close()
+    assert results == [Accepted(s.event.id) for s in subs]
+    # The rest waited, then went to the store together.
+    assert [len(batch) for batch in given] == [1] * taken + [len(subs) - taken]
+    assert await counts(engine) == (7, 7)
+
+
 async def test_each_answer_waits_for_its_commit(
     db: Database, intake: DocumentIntake, engine: AsyncEngine, user: auth.User
 ) -> None:

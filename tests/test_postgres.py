@@ -243,7 +243,7 @@ async def test_a_connection_lost_between_statements_is_replaced(db_url: str) -> 
         first = await hot.run(backend_pid)
         admin = await asyncpg.connect(asyncpg_dsn(db_url))
         try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", first)
+            assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", first)
         finally:
             await admin.close()
         # The statement on the dead connection fails (the caller's error to

@@ -85,6 +85,11 @@ class Database(abc.ABC):
     passes it or it is not done.
     """
 
+    # How many of the intake's batches the store takes at once. SQLite's writer
+    # groups the batches waiting for it into one transaction; a backend that
+    # runs each batch as a statement of its own may want fewer, larger ones.
+    batches_in_flight = 4
+
     def __init__(self, url: str, **engine_kwargs: Any) -> None:
         self.url = url
         self.engine = create_engine(url, **engine_kwargs)

@@ -68,6 +68,12 @@ def _outbox_row(event: NewEvent, lease: tuple[Any, ...]) -> dict[str, Any]:
 
 
 class PostgresDatabase(Database):
+    # One batch at a time: the next one grows while it commits. Each statement
+    # wakes a server backend, and on a loaded host that wake-up and backends
+    # competing for cores cost more than a second commit's overlap gains
+    # (docs/performance.md, "PostgreSQL's hot path").
+    batches_in_flight = 1
+
     def __init__(self, url: str, *, rows_process: bool = False, **engine_kwargs: Any) -> None:
         super().__init__(url, **engine_kwargs)  # rows_process: SQLite's alone
         self._hot: HotConnections | None = None  # once started
