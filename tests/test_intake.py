@@ -72,6 +72,19 @@ def submission(user: auth.User, name: str = "doc") -> Submission:
     )
 
 
+async def hold_a_transaction(
+    db: Database, intake: DocumentIntake, user: auth.User
+) -> tuple[Gate, asyncio.Task[Accepted]]:
+    """A first request whose transaction the store holds open, before COMMIT,
+    until ``gate.release`` is set."""
+    gate = Gate()
+    db.before_commit = gate
+    blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
+    await gate.entered.wait()
+    db.before_commit = None
+    return gate, blocker
+
+
 def batches_given(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Each batch the intake gives the database from now on, as it gives it."""
     given: list[object] = []
@@ -119,11 +132,7 @@ async def test_requests_wait_while_the_store_holds_all_the_batches_it_takes_then
 ) -> None:
     intake = DocumentIntake(db, batch_limit=50)
     await intake.start()
-    gate = Gate()
-    db.before_commit = gate
-    blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
-    await gate.entered.wait()
-    db.before_commit = None
+    gate, blocker = await hold_a_transaction(db, intake, user)
     given = batches_given(db, monkeypatch)
     subs = [submission(user, f"d{i}") for i in range(6)]
     tasks = []
@@ -250,11 +259,7 @@ async def test_one_bad_row_fails_alone(
 ) -> None:
     intake = DocumentIntake(db, batch_limit=batch_limit, batches_in_flight=batches_in_flight)
     await intake.start()
-    gate = Gate()
-    db.before_commit = gate
-    blocker = asyncio.create_task(intake.submit(submission(user, "blocker")))
-    await gate.entered.wait()
-    db.before_commit = None
+    gate, blocker = await hold_a_transaction(db, intake, user)
     given = batches_given(db, monkeypatch)
     writer = getattr(db, "_writer", None)  # SQLite's
     transactions = writer.transactions if writer is not None else 0

@@ -4,6 +4,8 @@ skip each other's locked rows, and the hot path's connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,15 @@ async def test_two_api_and_two_worker_processes_lose_nothing_when_a_worker_is_ki
     assert {i for i, n in counts.items() if n > 1} <= in_flight
 
 
+@contextlib.asynccontextmanager
+async def hot_connections(db_url: str, size: int) -> AsyncIterator[HotConnections]:
+    hot = HotConnections(asyncpg_dsn(db_url), size)
+    try:
+        yield hot
+    finally:
+        await hot.close()
+
+
 async def backend_pid(conn: Any) -> int:
     return int(await conn.fetchval("SELECT pg_backend_pid()"))
 
@@ -155,8 +166,7 @@ async def backend_pid(conn: Any) -> int:
 async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_time(
     db_url: str,
 ) -> None:
-    hot = HotConnections(asyncpg_dsn(db_url), 2)
-    try:
+    async with hot_connections(db_url, 2) as hot:
         first = await hot.run(backend_pid)
         assert await hot.run(backend_pid) == first  # kept, not reopened
         held = asyncio.Event()
@@ -178,8 +188,6 @@ async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_tim
         assert len(set(pids)) == 2 and first in pids  # two connections at once, no third
         assert await waiting in pids  # the one given back, not a new one
         assert hot.open == 2
-    finally:
-        await hot.close()
     assert hot.open == 0
 
 
@@ -187,8 +195,7 @@ async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_tim
 async def test_a_statement_the_server_refuses_keeps_its_connection(db_url: str) -> None:
     import asyncpg
 
-    hot = HotConnections(asyncpg_dsn(db_url), 1)
-    try:
+    async with hot_connections(db_url, 1) as hot:
         first = await hot.run(backend_pid)
         with pytest.raises(asyncpg.DivisionByZeroError):
             await hot.run(lambda conn: conn.fetchval("SELECT 1 / 0"))
@@ -203,16 +210,13 @@ async def test_a_statement_the_server_refuses_keeps_its_connection(db_url: str) 
         with pytest.raises(asyncpg.DivisionByZeroError):
             await hot.run(open_a_transaction_and_fail)
         assert await hot.run(backend_pid) != first
-    finally:
-        await hot.close()
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_a_cancelled_statement_drops_its_connection_and_a_waiter_gets_a_fresh_one(
     db_url: str,
 ) -> None:
-    hot = HotConnections(asyncpg_dsn(db_url), 1)
-    try:
+    async with hot_connections(db_url, 1) as hot:
         first = await hot.run(backend_pid)
         sent = asyncio.Event()
 
@@ -230,16 +234,13 @@ async def test_a_cancelled_statement_drops_its_connection_and_a_waiter_gets_a_fr
             second = await waiting  # woken to open a connection of its own
         assert second != first
         assert hot.open == 1
-    finally:
-        await hot.close()
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_a_connection_lost_between_statements_is_replaced(db_url: str) -> None:
     import asyncpg
 
-    hot = HotConnections(asyncpg_dsn(db_url), 1)
-    try:
+    async with hot_connections(db_url, 1) as hot:
         first = await hot.run(backend_pid)
         admin = await asyncpg.connect(asyncpg_dsn(db_url))
         try:
@@ -252,16 +253,13 @@ async def test_a_connection_lost_between_statements_is_replaced(db_url: str) -> 
             await hot.run(backend_pid)
         assert await hot.run(backend_pid) != first
         assert hot.open == 1
-    finally:
-        await hot.close()
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_a_statement_cancelled_while_it_waits_for_a_connection_takes_none(
     db_url: str,
 ) -> None:
-    hot = HotConnections(asyncpg_dsn(db_url), 1)
-    try:
+    async with hot_connections(db_url, 1) as hot:
         release = asyncio.Event()
 
         async def hold(conn: Any) -> int:
@@ -279,5 +277,3 @@ async def test_a_statement_cancelled_while_it_waits_for_a_connection_takes_none(
         assert await after == pid  # the connection went past the cancelled waiter
         assert given_up.cancelled()
         assert hot.open == 1
-    finally:
-        await hot.close()
