@@ -192,14 +192,50 @@ async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_tim
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-async def test_a_statement_the_server_refuses_keeps_its_connection(db_url: str) -> None:
+async def test_a_connection_given_back_after_close_is_closed(db_url: str) -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def hold(conn: Any) -> int:
+        started.set()
+        await release.wait()
+        return await backend_pid(conn)
+
+    async with hot_connections(db_url, 2) as hot:
+        holding = asyncio.create_task(hot.run(hold))
+        await started.wait()
+        await hot.run(backend_pid)  # a second connection, idle after it
+        assert hot.open == 2
+    assert hot.open == 1  # the idle one closed, the lent one not yet
+    release.set()
+    await holding
+    assert hot.open == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_row_the_server_refuses_keeps_its_connection_other_errors_drop_it(
+    db_url: str,
+) -> None:
     import asyncpg
 
     async with hot_connections(db_url, 1) as hot:
         first = await hot.run(backend_pid)
-        with pytest.raises(asyncpg.DivisionByZeroError):
+        with pytest.raises(asyncpg.DivisionByZeroError):  # a value: SQLSTATE class 22
             await hot.run(lambda conn: conn.fetchval("SELECT 1 / 0"))
+        with pytest.raises(asyncpg.UniqueViolationError):  # a constraint: class 23
+            await hot.run(
+                lambda conn: conn.execute(
+                    "INSERT INTO users (username, password_hash, created_at)"
+                    " VALUES ('a', 'x', now()), ('a', 'x', now())"
+                )
+            )
         assert await hot.run(backend_pid) == first
+        # Any other error is not taken on trust: the connection goes.
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await hot.run(lambda conn: conn.fetchval("SELECT 1 FROM no_such_table"))
+        second = await hot.run(backend_pid)
+        assert second != first
+        first = second
 
         async def open_a_transaction_and_fail(conn: Any) -> None:
             await conn.execute("BEGIN")

@@ -31,6 +31,7 @@ class HotConnections:
         self._idle: list[Any] = []  # asyncpg.Connection
         self._open = 0  # idle, lent or being opened
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._closed = False
 
     @property
     def open(self) -> int:
@@ -41,9 +42,12 @@ class HotConnections:
         conn = await self._take()
         try:
             result = await job(conn)
-        except asyncpg.PostgresError:
-            # The server refused the statement; the connection is as it was,
-            # unless a transaction the job began was left open.
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+            # The server refused a row (the intake bisects the batch, a
+            # statement each half): the connection is as it was, unless a
+            # transaction the job began was left open. Any other error may be
+            # the connection's own (an administrator's shutdown, a crash), and
+            # a reconnect is cheap next to a batch failed on a dead one.
             if conn.is_in_transaction() or conn.is_closed():
                 self._drop(conn)
             else:
@@ -87,7 +91,9 @@ class HotConnections:
             # None: a connection was closed, so there is room to open one.
 
     def _give(self, conn: Any) -> None:
-        if not self._wake(conn):
+        if self._closed:
+            self._drop(conn)
+        elif not self._wake(conn):
             self._idle.append(conn)
 
     def _drop(self, conn: Any) -> None:
@@ -105,7 +111,8 @@ class HotConnections:
         return False
 
     async def close(self) -> None:
-        """Close the idle connections (none is lent once the callers have stopped)."""
+        """Close the idle connections; one still lent is closed when given back."""
+        self._closed = True
         idle, self._idle = self._idle, []
         self._open -= len(idle)
         await asyncio.gather(*(conn.close() for conn in idle), return_exceptions=True)
