@@ -128,30 +128,51 @@ def write_relayed(
     began; each request's result, and the events written. An id met twice (in
     the outbox already, or earlier in the batch) is written once, and counted
     as stored by the first request that holds it."""
-    requests: list[RelayRequest | None] = [
-        None if p.future.cancelled() else p.submission for p in batch
-    ]
-    kept = [r for r in requests if r is not None]
-    rows = [(event, r.origin) for r in kept for event in r.events]
-    written = insert(conn, rows, hand_off) if rows else set()
-    latest: dict[str, datetime] = {}
-    for r in kept:
-        latest[r.origin] = max(r.received_at, latest.get(r.origin, r.received_at))
-    if latest:
-        conn.execute(_KEY_USED, [{"key_name": n, "at": at} for n, at in sorted(latest.items())])
+    relayed = RelayedBatch(batch)
+    written = insert(conn, relayed.rows, hand_off) if relayed.rows else set()
+    if relayed.last_used:
+        conn.execute(
+            _KEY_USED, [{"key_name": n, "at": at} for n, at in sorted(relayed.last_used.items())]
+        )
     if before_commit is not None:
         before_commit()
-    results: list[Relayed | None] = []
-    fresh: list[NewEvent] = []
-    for request in requests:
-        if request is None:
-            results.append(None)
-            continue
-        stored = 0
-        for event in request.events:
-            if event.id in written:
-                written.discard(event.id)  # the first to hold it
-                fresh.append(event)
-                stored += 1
-        results.append(Relayed(stored))
-    return results, fresh
+    return relayed.results(written)
+
+
+class RelayedBatch:
+    """What a batch of relay requests writes, and what it answers once written."""
+
+    __slots__ = ("requests", "rows", "last_used")
+
+    def __init__(self, batch: Sequence[PendingSubmission]) -> None:
+        # None: a request cancelled before its transaction began, left out.
+        self.requests: list[RelayRequest | None] = [
+            None if p.future.cancelled() else p.submission for p in batch
+        ]
+        kept = [r for r in self.requests if r is not None]
+        self.rows = [(event, r.origin) for r in kept for event in r.events]
+        # Each key's last use: its latest request of the batch.
+        self.last_used: dict[str, datetime] = {}
+        for r in kept:
+            self.last_used[r.origin] = max(
+                r.received_at, self.last_used.get(r.origin, r.received_at)
+            )
+
+    def results(self, written: set[str]) -> Written:
+        """Each request's result given the ids written, and the events written:
+        an id met twice is the first holder's."""
+        written = set(written)
+        results: list[Relayed | None] = []
+        fresh: list[NewEvent] = []
+        for request in self.requests:
+            if request is None:
+                results.append(None)
+                continue
+            stored = 0
+            for event in request.events:
+                if event.id in written:
+                    written.discard(event.id)  # the first to hold it
+                    fresh.append(event)
+                    stored += 1
+            results.append(Relayed(stored))
+        return results, fresh

@@ -31,19 +31,10 @@ from ..contract import (
 )
 from ..database import Database, Done, PendingSubmission, RowsRefused, T, Written
 from ..errors import DatabaseClosed
-from ..submissions import write_relayed, write_submissions
+from ..submissions import RelayedBatch, write_submissions
 from . import outbox_sql
 from .connections import HotConnections
 from .listener import NOTIFY_SQL, Listener, asyncpg_dsn
-
-# Relayed events: an id already in the outbox is left as it is (and the second
-# of an id met twice in one statement); RETURNING names the rows written.
-_RELAYED = (
-    postgresql.insert(outbox)
-    .on_conflict_do_nothing(index_elements=[outbox.c.id])
-    .returning(outbox.c.id)
-)
-
 
 # The hot path's connections: as many as the intake's batches in flight and the
 # worker's sends, each a prepared statement's home.
@@ -162,23 +153,24 @@ class PostgresDatabase(Database):
     def insert_relayed(
         self, batch: Sequence[PendingSubmission], hand_off: HandOff | None, done: Done
     ) -> None:
-        self.submit(
-            lambda conn: write_relayed(
-                conn, batch, hand_off, insert=self._insert_relayed, before_commit=self.before_commit
-            ),
-            _refusals_named(done),
+        self._on_hot(
+            lambda conn: self._insert_relayed(conn, batch, hand_off), _refusals_named(done)
         )
 
-    def _insert_relayed(
-        self, conn: Connection, rows: list[tuple[NewEvent, str]], hand_off: HandOff | None
-    ) -> set[str]:
-        lease = lease_values(hand_off)
-        values = [{**_outbox_row(e, lease), "origin": origin} for e, origin in rows]
-        # One INSERT of many VALUES rows (SQLAlchemy's insertmanyvalues).
-        written = set(conn.scalars(_RELAYED, values))
-        if written and hand_off is None:
-            self.notify(conn)
-        return written
+    async def _insert_relayed(
+        self, conn: Any, batch: Sequence[PendingSubmission], hand_off: HandOff | None
+    ) -> Written:
+        relayed = RelayedBatch(batch)
+        if not relayed.last_used:  # every request cancelled before its transaction
+            return relayed.results(set())
+        args = outbox_sql.relayed_args(relayed.rows, hand_off, relayed.last_used)
+        if self.before_commit is None:
+            records = await conn.fetch(outbox_sql.RELAYED, *args)
+        else:
+            async with conn.transaction():  # the fault point before COMMIT, as _insert_plain's
+                records = await conn.fetch(outbox_sql.RELAYED, *args)
+                await greenlet_spawn(self.before_commit)
+        return relayed.results(outbox_sql.written_ids(records))
 
     def enqueue(
         self, conn: Connection, events: Sequence[NewEvent], hand_off: HandOff | None = None

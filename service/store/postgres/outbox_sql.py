@@ -1,5 +1,5 @@
 """The outbox's hot statements on PostgreSQL, for asyncpg itself: the intake's
-documents and events, the claim and the delivered mark.
+documents and events, relayed events, the claim and the delivered mark.
 
 Each is ONE statement however many rows it carries (arrays, unnest), run
 outside any explicit transaction: PostgreSQL runs a lone statement as a
@@ -11,9 +11,18 @@ it. Everything else stays with SQLAlchemy Core.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from ..contract import Claim, ClaimedEvent, HandOff, OutboxStatus, Submission, lease_values
+from ..contract import (
+    Claim,
+    ClaimedEvent,
+    HandOff,
+    NewEvent,
+    OutboxStatus,
+    Submission,
+    lease_values,
+)
 from .listener import CHANNEL
 
 PENDING, SENDING, DELIVERED = (
@@ -52,6 +61,57 @@ def submission_args(subs: Sequence[Submission], hand_off: HandOff | None) -> tup
         *lease_values(hand_off),
         [s.event.payload for s in subs],
     )
+
+
+# Relayed events, and their keys' last use, in one statement. An id already in
+# the outbox is left as it is, and so is the second of an id met twice in the
+# batch (rows go in the batch's order); RETURNING names the rows written. A key's
+# last use only moves forward, whichever batch commits first. The NOTIFY goes
+# with rows written pending.
+RELAYED = f"""
+WITH events AS (
+    INSERT INTO outbox (id, event_name, payload, status, attempts, available_at, created_at,
+                        lease_owner, lease_token, lease_expires_at, origin)
+    SELECT e.id, e.name, e.payload::json, $6, 0, e.at, e.at, $7, $8, $9, e.origin
+    FROM unnest($1::varchar[], $2::text[], $3::text[], $4::timestamptz[], $5::varchar[])
+        WITH ORDINALITY AS e(id, name, payload, at, origin, n)
+    ORDER BY e.n
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), used AS (
+    UPDATE relay_keys SET last_used_at = k.at
+    FROM unnest($10::varchar[], $11::timestamptz[]) AS k(name, at)
+    WHERE relay_keys.name = k.name
+      AND (relay_keys.last_used_at IS NULL OR relay_keys.last_used_at < k.at)
+)
+SELECT id FROM events
+UNION ALL
+SELECT NULL FROM (SELECT pg_notify('{CHANNEL}', '')) AS notified
+WHERE $6 = {PENDING} AND EXISTS (SELECT FROM events)
+"""
+
+
+def relayed_args(
+    rows: Sequence[tuple[NewEvent, str]],
+    hand_off: HandOff | None,
+    last_used: dict[str, datetime],
+) -> tuple[Any, ...]:
+    """RELAYED's parameters: a column an array."""
+    return (
+        [e.id for e, _ in rows],
+        [e.name for e, _ in rows],
+        [e.payload for e, _ in rows],
+        [e.created_at for e, _ in rows],
+        [origin for _, origin in rows],
+        *lease_values(hand_off),
+        list(last_used),
+        list(last_used.values()),
+    )
+
+
+def written_ids(records: Sequence[Any]) -> set[str]:
+    """The ids RELAYED wrote (its NOTIFY's row has none)."""
+    return {record[0] for record in records if record[0] is not None}
 
 
 # Expired leases first, then due rows, each oldest first, up to $2 in all;
