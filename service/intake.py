@@ -105,7 +105,9 @@ class DocumentIntake:
         self._flush_scheduled = False
         self._in_flight = 0  # batches given to the database, not yet answered
         # None: as many as the store takes at once.
-        self._batches_in_flight = batches_in_flight or db.batches_in_flight
+        self._batches_in_flight = (
+            db.batches_in_flight if batches_in_flight is None else batches_in_flight
+        )
         self._limit = queue_limit
         self._outstanding = 0
         self._batch_limit = batch_limit

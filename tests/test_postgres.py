@@ -13,11 +13,13 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store.database import Database
+from service.store.errors import DatabaseClosed
 from service.store.postgres.connections import HotConnections
 from service.store.postgres.listener import Listener, asyncpg_dsn
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import postgres_copy
 from tests.support.service import ServiceProcess, http_session, log_in, query
+from tests.support.wait import until
 
 pytestmark = pytest.mark.slow
 
@@ -192,23 +194,30 @@ async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_tim
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-async def test_a_connection_given_back_after_close_is_closed(db_url: str) -> None:
+async def test_after_close_a_connection_given_back_is_closed_and_a_waiter_refused(
+    db_url: str,
+) -> None:
     release = asyncio.Event()
     started = asyncio.Event()
 
-    async def hold(conn: Any) -> int:
+    async def hold(conn: Any) -> Any:
         started.set()
         await release.wait()
-        return await backend_pid(conn)
+        return conn
 
-    async with hot_connections(db_url, 2) as hot:
+    async with hot_connections(db_url, 1) as hot:
         holding = asyncio.create_task(hot.run(hold))
         await started.wait()
-        await hot.run(backend_pid)  # a second connection, idle after it
-        assert hot.open == 2
-    assert hot.open == 1  # the idle one closed, the lent one not yet
+        waiting = asyncio.create_task(hot.run(backend_pid))
+        await asyncio.sleep(0)  # its turn: it waits for the one connection
+    with pytest.raises(DatabaseClosed):
+        await waiting
+    with pytest.raises(DatabaseClosed):
+        await hot.run(backend_pid)
+    assert hot.open == 1  # still lent
     release.set()
-    await holding
+    conn = await holding
+    assert conn.is_closed()
     assert hot.open == 0
 
 
@@ -276,17 +285,35 @@ async def test_a_cancelled_statement_drops_its_connection_and_a_waiter_gets_a_fr
 async def test_a_connection_lost_between_statements_is_replaced(db_url: str) -> None:
     import asyncpg
 
+    async def itself(conn: Any) -> Any:
+        return conn
+
     async with hot_connections(db_url, 1) as hot:
-        first = await hot.run(backend_pid)
+        idle = await hot.run(itself)
+        first = await backend_pid(idle)  # on the test's own: the connection is idle
         admin = await asyncpg.connect(asyncpg_dsn(db_url))
         try:
             assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", first)
         finally:
             await admin.close()
-        # The statement on the dead connection fails (the caller's error to
-        # answer); the connection is not lent again.
+        await until(idle.is_closed)  # asyncpg has read the server's goodbye
+        # Not lent: the next statement runs on a connection of its own.
+        assert await hot.run(backend_pid) != first
+        assert hot.open == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_connection_lost_mid_statement_is_not_lent_again(db_url: str) -> None:
+    import asyncpg
+
+    async with hot_connections(db_url, 1) as hot:
+        first = await hot.run(backend_pid)
+
+        async def lose_it(conn: Any) -> None:
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
-            await hot.run(backend_pid)
+            await hot.run(lose_it)
         assert await hot.run(backend_pid) != first
         assert hot.open == 1
 
@@ -313,3 +340,38 @@ async def test_a_statement_cancelled_while_it_waits_for_a_connection_takes_none(
         assert await after == pid  # the connection went past the cancelled waiter
         assert given_up.cancelled()
         assert hot.open == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
+    db_url: str,
+) -> None:
+    async with hot_connections(db_url, 1) as hot:
+        waiters: list[asyncio.Task[int]] = []
+
+        async def hand_over(conn: Any) -> int:
+            pid = await backend_pid(conn)
+            # Scheduled before the hand-over that follows this return: the
+            # first waiter is cancelled with the connection already its own.
+            asyncio.get_running_loop().call_soon(waiters[0].cancel)
+            return pid
+
+        holder = asyncio.create_task(hot.run(hand_over))
+        waiters.append(asyncio.create_task(hot.run(backend_pid)))
+        waiters.append(asyncio.create_task(hot.run(backend_pid)))
+        async with asyncio.timeout(10):  # a connection lost with the waiter: the next waits on
+            pid = await holder
+            assert await waiters[1] == pid
+        assert waiters[0].cancelled()
+        assert hot.open == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_hot_write_cancelled_before_it_began_is_answered(db: Database) -> None:
+    outcomes: list[tuple[Any, BaseException | None]] = []
+    db.insert_relayed([], None, lambda result, error: outcomes.append((result, error)))
+    (write,) = db._submitted  # the write's task, not yet run: shutting down cancels it
+    write.cancel()
+    await until(lambda: bool(outcomes))
+    assert len(outcomes) == 1 and outcomes[0][0] is None
+    assert isinstance(outcomes[0][1], DatabaseClosed)

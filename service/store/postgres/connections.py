@@ -4,10 +4,15 @@ prepared statements live on it) and lent to one statement at a time.
 asyncpg's Pool would do the lending, but its release runs in a task of its own
 (asyncio.shield) and awaits a reset: under load every such step waits a turn
 of a busy event loop, and the requests of a group commit wait with it. Here a
-statement that ends gives its connection back at once, without an await. A
-connection whose statement did not end with PostgreSQL's own error (lost,
-cancelled, timed out) is closed and never lent again; the next statement
-opens a fresh one.
+statement that ends gives its connection back at once, without an await.
+
+A connection is lent again only if its statement ended well, or with a row the
+server refused (SQLSTATE classes 22 and 23: the intake bisects such a batch, a
+statement each half), and no transaction is left open on it. After any other
+error (the connection lost, cancelled, an administrator's shutdown) it is
+closed, since a reconnect is cheap next to a batch failed on a dead one. An
+idle connection found closed (a server restart), or idle longer than asyncpg's
+Pool would keep it, is closed instead of lent.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from ..errors import DatabaseClosed
+
 T = TypeVar("T")
+
+# asyncpg's Pool default (max_inactive_connection_lifetime): a connection a
+# firewall dropped while idle is not trusted with a statement.
+MAX_IDLE_SECONDS = 300.0
+CLOSE_TIMEOUT_SECONDS = 5.0
 
 
 class HotConnections:
@@ -28,7 +40,7 @@ class HotConnections:
     def __init__(self, dsn: str, size: int) -> None:
         self._dsn = dsn
         self._size = size
-        self._idle: list[Any] = []  # asyncpg.Connection
+        self._idle: list[tuple[Any, float]] = []  # (asyncpg.Connection, idle since)
         self._open = 0  # idle, lent or being opened
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._closed = False
@@ -43,15 +55,7 @@ class HotConnections:
         try:
             result = await job(conn)
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
-            # The server refused a row (the intake bisects the batch, a
-            # statement each half): the connection is as it was, unless a
-            # transaction the job began was left open. Any other error may be
-            # the connection's own (an administrator's shutdown, a crash), and
-            # a reconnect is cheap next to a batch failed on a dead one.
-            if conn.is_in_transaction() or conn.is_closed():
-                self._drop(conn)
-            else:
-                self._give(conn)
+            self._give(conn)
             raise
         except BaseException:
             self._drop(conn)
@@ -60,9 +64,16 @@ class HotConnections:
         return result
 
     async def _take(self) -> Any:
+        loop = asyncio.get_running_loop()
         while True:
+            if self._closed:
+                raise DatabaseClosed()
             if self._idle:
-                return self._idle.pop()
+                conn, since = self._idle.pop()
+                if conn.is_closed() or loop.time() - since > MAX_IDLE_SECONDS:
+                    self._drop(conn)
+                    continue
+                return conn
             if self._open < self._size:
                 self._open += 1
                 try:
@@ -71,7 +82,7 @@ class HotConnections:
                     self._open -= 1
                     self._wake(None)
                     raise
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = loop.create_future()
             self._waiting.append(waiter)
             try:
                 conn = await waiter
@@ -91,10 +102,12 @@ class HotConnections:
             # None: a connection was closed, so there is room to open one.
 
     def _give(self, conn: Any) -> None:
-        if self._closed:
+        if self._closed or conn.is_closed() or conn.is_in_transaction():
+            # A transaction left open would hold the next statement's rows
+            # uncommitted after it answered.
             self._drop(conn)
         elif not self._wake(conn):
-            self._idle.append(conn)
+            self._idle.append((conn, asyncio.get_running_loop().time()))
 
     def _drop(self, conn: Any) -> None:
         self._open -= 1
@@ -111,8 +124,16 @@ class HotConnections:
         return False
 
     async def close(self) -> None:
-        """Close the idle connections; one still lent is closed when given back."""
+        """Close the idle connections; one still lent is closed when given back,
+        and a statement still waiting for one is refused."""
         self._closed = True
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(DatabaseClosed())
         idle, self._idle = self._idle, []
         self._open -= len(idle)
-        await asyncio.gather(*(conn.close() for conn in idle), return_exceptions=True)
+        await asyncio.gather(
+            *(conn.close(timeout=CLOSE_TIMEOUT_SECONDS) for conn, _ in idle),
+            return_exceptions=True,
+        )

@@ -82,22 +82,34 @@ class PostgresDatabase(Database):
         """Run ``job(connection)`` on a hot connection; ``done`` as submit's."""
         if self._closed:
             raise DatabaseClosed()
-        task = asyncio.get_running_loop().create_task(self._hot_then(job, done))
+        answered = [False]
+        task = asyncio.get_running_loop().create_task(self._hot_then(job, done, answered))
         self._submitted.add(task)
-        task.add_done_callback(self._submitted.discard)
 
-    async def _hot_then(self, job: Callable[[Any], Awaitable[T]], done: Done) -> None:
+        def ended(task: asyncio.Task[None]) -> None:
+            self._submitted.discard(task)
+            if not answered[0]:  # cancelled before its first step
+                done(None, DatabaseClosed())
+
+        task.add_done_callback(ended)
+
+    async def _hot_then(
+        self, job: Callable[[Any], Awaitable[T]], done: Done, answered: list[bool]
+    ) -> None:
         # ``done`` is called from the statement's own task, not from a done
         # callback of it: under load that is one turn of the loop less
         # between the commit and the requests' answers.
         try:
             result = await self._run_hot(job)
         except asyncio.CancelledError:
+            answered[0] = True
             done(None, DatabaseClosed())
             raise
         except Exception as error:
+            answered[0] = True
             done(None, error)
         else:
+            answered[0] = True
             done(result, None)
 
     async def _run_hot(self, job: Callable[[Any], Awaitable[T]]) -> T:

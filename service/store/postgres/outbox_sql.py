@@ -31,7 +31,7 @@ PENDING, SENDING, DELIVERED = (
 
 # The documents and their events, in one statement: the two INSERTs are
 # data-modifying CTEs of it, so they commit together or not at all. The NOTIFY
-# that wakes other hosts' workers goes with rows written pending ($10), and
+# that wakes other hosts' workers goes with rows written pending ($7), and
 # PostgreSQL delivers it at the commit.
 SUBMISSIONS = f"""
 WITH documents AS (
@@ -78,11 +78,17 @@ WITH events AS (
     ORDER BY e.n
     ON CONFLICT (id) DO NOTHING
     RETURNING id
+), keys AS (
+    -- Locked in the order of their names, so that batches sharing keys
+    -- (other hosts', a bisected batch's halves) never deadlock.
+    SELECT relay_keys.name, k.at FROM relay_keys
+    JOIN unnest($10::varchar[], $11::timestamptz[]) AS k(name, at) ON relay_keys.name = k.name
+    ORDER BY relay_keys.name
+    FOR NO KEY UPDATE OF relay_keys
 ), used AS (
-    UPDATE relay_keys SET last_used_at = k.at
-    FROM unnest($10::varchar[], $11::timestamptz[]) AS k(name, at)
-    WHERE relay_keys.name = k.name
-      AND (relay_keys.last_used_at IS NULL OR relay_keys.last_used_at < k.at)
+    UPDATE relay_keys SET last_used_at = keys.at FROM keys
+    WHERE relay_keys.name = keys.name
+      AND (relay_keys.last_used_at IS NULL OR relay_keys.last_used_at < keys.at)
 )
 SELECT id FROM events
 UNION ALL
@@ -104,8 +110,8 @@ def relayed_args(
         [e.created_at for e, _ in rows],
         [origin for _, origin in rows],
         *lease_values(hand_off),
-        list(last_used),
-        list(last_used.values()),
+        sorted(last_used),
+        [last_used[name] for name in sorted(last_used)],
     )
 
 
