@@ -99,18 +99,14 @@ class PostgresDatabase(Database):
         # ``done`` is called from the statement's own task, not from a done
         # callback of it: under load that is one turn of the loop less
         # between the commit and the requests' answers.
+        outcome: tuple[Any, BaseException | None] = (None, DatabaseClosed())  # if cancelled
         try:
-            result = await self._run_hot(job)
-        except asyncio.CancelledError:
-            answered[0] = True
-            done(None, DatabaseClosed())
-            raise
+            outcome = (await self._run_hot(job), None)
         except Exception as error:
+            outcome = (None, error)
+        finally:
             answered[0] = True
-            done(None, error)
-        else:
-            answered[0] = True
-            done(result, None)
+            done(*outcome)
 
     async def _run_hot(self, job: Callable[[Any], Awaitable[T]]) -> T:
         if self._closed:
