@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,6 +23,7 @@ from tests.support.service import ServiceProcess, http_session, log_in, query
 from tests.support.wait import until
 
 pytestmark = pytest.mark.slow
+on_postgres = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
 @pytest.fixture
@@ -59,7 +61,7 @@ async def test_a_commit_in_one_process_wakes_a_worker_in_another(
         assert worker.stop() == 0, worker.log()
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_dropped_listener_connection_is_re_established(
     db: Database, engine: AsyncEngine
 ) -> None:
@@ -164,7 +166,7 @@ async def backend_pid(conn: Any) -> int:
     return int(await conn.fetchval("SELECT pg_backend_pid()"))
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_time(
     db_url: str,
 ) -> None:
@@ -193,7 +195,7 @@ async def test_hot_connections_are_kept_between_statements_and_lent_one_at_a_tim
     assert hot.open == 0
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_after_close_a_connection_given_back_is_closed_and_a_waiter_refused(
     db_url: str,
 ) -> None:
@@ -221,12 +223,10 @@ async def test_after_close_a_connection_given_back_is_closed_and_a_waiter_refuse
     assert hot.open == 0
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_row_the_server_refuses_keeps_its_connection_other_errors_drop_it(
     db_url: str,
 ) -> None:
-    import asyncpg
-
     async with hot_connections(db_url, 1) as hot:
         first = await hot.run(backend_pid)
         with pytest.raises(asyncpg.DivisionByZeroError):  # a value: SQLSTATE class 22
@@ -257,7 +257,7 @@ async def test_a_row_the_server_refuses_keeps_its_connection_other_errors_drop_i
         assert await hot.run(backend_pid) != first
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_cancelled_statement_drops_its_connection_and_a_waiter_gets_a_fresh_one(
     db_url: str,
 ) -> None:
@@ -281,10 +281,8 @@ async def test_a_cancelled_statement_drops_its_connection_and_a_waiter_gets_a_fr
         assert hot.open == 1
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_connection_lost_between_statements_is_replaced(db_url: str) -> None:
-    import asyncpg
-
     async def itself(conn: Any) -> Any:
         return conn
 
@@ -302,10 +300,8 @@ async def test_a_connection_lost_between_statements_is_replaced(db_url: str) -> 
         assert hot.open == 1
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_connection_lost_mid_statement_is_not_lent_again(db_url: str) -> None:
-    import asyncpg
-
     async with hot_connections(db_url, 1) as hot:
         first = await hot.run(backend_pid)
 
@@ -318,7 +314,7 @@ async def test_a_connection_lost_mid_statement_is_not_lent_again(db_url: str) ->
         assert hot.open == 1
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_statement_cancelled_while_it_waits_for_a_connection_takes_none(
     db_url: str,
 ) -> None:
@@ -342,7 +338,7 @@ async def test_a_statement_cancelled_while_it_waits_for_a_connection_takes_none(
         assert hot.open == 1
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
     db_url: str,
 ) -> None:
@@ -366,7 +362,7 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
         assert hot.open == 1
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@on_postgres
 async def test_a_hot_write_cancelled_before_it_began_is_answered(db: Database) -> None:
     outcomes: list[tuple[Any, BaseException | None]] = []
     db.insert_relayed([], None, lambda result, error: outcomes.append((result, error)))
