@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service import outbox
+from service.ids import new_event_id
+from service.store.contract import NewEvent
 from service.store.database import Database
+from service.store.encoding import RawJSON
 from service.store.errors import DatabaseClosed
 from service.store.postgres.connections import HotConnections
+from service.store.postgres import outbox_sql
 from service.store.postgres.listener import Listener, asyncpg_dsn
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import postgres_copy
@@ -371,3 +378,52 @@ async def test_a_hot_write_cancelled_before_it_began_is_answered(db: Database) -
     await until(lambda: bool(outcomes))
     assert len(outcomes) == 1 and outcomes[0][0] is None
     assert isinstance(outcomes[0][1], DatabaseClosed)
+
+
+@on_postgres
+async def test_the_moves_out_of_sending_find_their_rows_by_id_not_in_the_sending_index(
+    db: Database,
+) -> None:
+    """The sending index keeps the old version of every row delivered since
+    the last vacuum; a mark that went through it would walk them all."""
+    now = datetime.now(UTC)
+    delivered = [new_event(now) for _ in range(400)]
+    await outbox.enqueue(db, delivered)
+    async with asyncpg_connection(db.url) as conn:
+        await conn.execute("ALTER TABLE outbox SET (autovacuum_enabled = false)")
+    done = await outbox.claim_batch(db, owner="w", limit=400, lease_seconds=30, now=now)
+    assert await outbox.mark_delivered(db, [e.id for e in delivered], done.token, now=now) == 400
+    leased = [new_event(now) for _ in range(5)]
+    await outbox.enqueue(db, leased)
+    claim = await outbox.claim_batch(db, owner="w", limit=5, lease_seconds=30, now=now)
+    ids = [e.id for e in leased]
+    async with asyncpg_connection(db.url) as conn:
+        await conn.execute("ANALYZE outbox")  # the planner knows how few rows are sending
+        plan = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + outbox_sql.DELIVERED_MARK, now, claim.token, ids
+        )
+    assert _indexes_in(json.loads(plan)) == {"pk_outbox"}
+    assert await outbox.mark_delivered(db, ids, claim.token, now=now) == 5
+
+
+def new_event(at: datetime) -> NewEvent:
+    event_id = new_event_id()
+    return NewEvent(event_id, "test/event", RawJSON(f'{{"id":"{event_id}"}}'), at)
+
+
+@contextlib.asynccontextmanager
+async def asyncpg_connection(url: str) -> AsyncIterator[Any]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _indexes_in(plan: Any) -> set[str]:
+    if isinstance(plan, dict):
+        found = {plan["Index Name"]} if "Index Name" in plan else set()
+        return found.union(*(_indexes_in(v) for v in plan.values()))
+    if isinstance(plan, list):
+        return set().union(*(_indexes_in(v) for v in plan))
+    return set()

@@ -32,6 +32,12 @@ class OutboxStatus(enum.StrEnum):
     # commit (a hand-off: no claim needed). The worker moves it to delivered,
     # back to pending (retry) or failed; if the worker dies, the expired lease
     # makes the row claimable again.
+    #
+    # A lease is on sending rows only: every move out of sending clears it. So
+    # a move out of sending may find its rows by id and lease token alone, and
+    # on PostgreSQL it must: a test of the status leads the planner to the
+    # sending index, which keeps every delivered row's old version until a
+    # vacuum, and the move would walk them all.
     SENDING = "sending"
     # Inngest acknowledged it. Terminal; removed only by retention.
     DELIVERED = "delivered"

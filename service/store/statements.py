@@ -9,12 +9,12 @@ from .contract import OutboxStatus
 
 # sending -> delivered for the rows a lease still holds (see outbox.mark_delivered):
 # the base store's mark_delivered, and the outbox's when a history entry rides along.
+# The lease's token stands for the status (see OutboxStatus.SENDING).
 DELIVERED = (
     outbox.update()
     .where(
         outbox.c.id.in_(sa.bindparam("ids", expanding=True)),
         outbox.c.lease_token == sa.bindparam("token"),
-        outbox.c.status == OutboxStatus.SENDING,
     )
     .values(
         status=OutboxStatus.DELIVERED,

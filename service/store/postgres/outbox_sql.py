@@ -158,10 +158,12 @@ def claimed(token: str, owner: str, rows: Sequence[Any]) -> Claim:
     )
 
 
+# By id and lease token: the token stands for the status (OutboxStatus.SENDING),
+# so the rows are found through the primary key, a probe an id.
 DELIVERED_MARK = (
     f"UPDATE outbox SET status = {DELIVERED}, attempts = attempts + 1, delivered_at = $1,"
     " last_status_code = 200, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL"
-    f" WHERE id = any($3::varchar[]) AND lease_token = $2 AND status = {SENDING}"
+    " WHERE id = any($3::varchar[]) AND lease_token = $2"
 )
 
 
