@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,8 +21,8 @@ from service.store.contract import NewEvent
 from service.store.database import Database
 from service.store.encoding import RawJSON
 from service.store.errors import DatabaseClosed
-from service.store.postgres.connections import HotConnections
 from service.store.postgres import outbox_sql
+from service.store.postgres.connections import HotConnections
 from service.store.postgres.listener import Listener, asyncpg_dsn
 from tests.fakes.inngest import StandIn
 from tests.support.postgres import postgres_copy
