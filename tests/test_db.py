@@ -362,6 +362,86 @@ async def test_driver_writes_queued_together_commit_one_statement_each(
     assert await _numbers(db) == [1, 2, 10]
 
 
+async def test_the_writer_thread_starts_the_wal_again_past_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no checkpointer at all, the writer thread alone starts the WAL
+    again between its commits."""
+    from service.store.sqlite import connection as db_module
+    from service.store.sqlite.writer import SQLiteWriter
+
+    limit = 64 * 1024
+    monkeypatch.setattr(db_module, "WAL_LIMIT_BYTES", limit)
+    monkeypatch.setattr(db_module, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(SQLiteWriter, "_checkpoint", lambda self: None)
+    path = tmp_path / "wal.db"
+    db = open_database(f"sqlite+aiosqlite:///{path}")
+    await db.start()
+    try:
+        await db.write(lambda conn: conn.execute(sa.text("CREATE TABLE blobs (b BLOB)")))
+        largest = 0
+        for _ in range(400):
+            await db.write(
+                lambda conn: conn.execute(sa.text("INSERT INTO blobs VALUES (randomblob(16384))"))
+            )
+            largest = max(largest, wal_size(path))
+    finally:
+        await db.close()
+        await db.engine.dispose()
+    # 6.4 MB went through the WAL; it never held more than the limit and the
+    # commit that went past it.
+    assert largest < 2 * limit
+
+
+def wal_size(path: Path) -> int:
+    return path.with_name(f"{path.name}-wal").stat().st_size
+
+
+def test_a_wal_restart_a_reader_holds_up_is_not_tried_again_until_its_interval(
+    tmp_path: Path,
+) -> None:
+    from service.store.sqlite.wal_restart import WalRestarts
+
+    class Recording(sqlite3.Connection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.restarts = 0
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+            self.restarts += sql == "PRAGMA wal_checkpoint(RESTART)"
+            return super().execute(sql, *args)
+
+    path = tmp_path / "wal.db"
+    writer = sqlite3.connect(path, isolation_level=None, factory=Recording)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute("PRAGMA busy_timeout=0")
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute("PRAGMA journal_size_limit=8192")
+        writer.execute("CREATE TABLE blobs (b BLOB)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM blobs").fetchone()  # a snapshot in the WAL
+        restarts = WalRestarts(str(path), limit=8192, interval=3600)
+
+        def write() -> int:
+            writer.execute("INSERT INTO blobs VALUES (randomblob(16384))")
+            restarts.after_commit(writer)
+            return wal_size(path)
+
+        sizes = [write() for _ in range(5)]
+        assert writer.restarts == 1  # refused by the reader, not tried after every commit
+        assert sizes == sorted(sizes) and sizes[-1] > 5 * 16384  # the WAL was not started again
+        reader.execute("COMMIT")
+        fresh = WalRestarts(str(path), limit=8192, interval=3600)
+        fresh.after_commit(writer)
+        assert writer.restarts == 2
+        assert write() < sizes[-1]  # started again, and trimmed
+    finally:
+        writer.close()
+        reader.close()
+
+
 async def test_the_wal_stays_bounded_under_steady_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

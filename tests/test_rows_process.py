@@ -15,10 +15,12 @@ import sqlalchemy as sa
 
 from service.store import open_database
 from service.store.database import Database
+from service.store.sqlite import connection as rules
 from service.store.sqlite.rows_process import RowsProcess
+from service.store.sqlite.writer import SQLiteWriter
 
 from .support.service import poll_until
-from .test_db import Numbers, _queue_rows, _submit_rows
+from .test_db import Numbers, _queue_rows, _submit_rows, wal_size
 
 
 @pytest_asyncio.fixture
@@ -176,7 +178,10 @@ async def test_close_answers_what_was_sent_before_it_ends(tmp_path: Path) -> Non
 
 async def test_a_process_that_cannot_open_the_database_fails_its_start(tmp_path: Path) -> None:
     rows = RowsProcess(
-        str(tmp_path / "no such directory" / "x.db"), busy_timeout_ms=100, journal_size_limit=0
+        str(tmp_path / "no such directory" / "x.db"),
+        busy_timeout_ms=100,
+        journal_size_limit=0,
+        checkpoint_seconds=0.1,
     )
     with pytest.raises(RuntimeError, match="failed to start"):
         await rows.start()
@@ -406,3 +411,38 @@ async def test_a_small_relay_batch_goes_to_the_process_and_a_large_one_to_the_th
     async with db.engine.connect() as conn:
         stored = set(await conn.scalars(sa.text("SELECT id FROM outbox WHERE origin = 'app'")))
     assert stored == {e.id for e in [*small.events, *large.events]}
+
+
+async def test_the_process_starts_the_wal_again_past_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its writes keep SQLite's write lock nearly all the time: a RESTART from
+    the checkpointer would seldom find it free. Here there is no checkpointer
+    at all: only the process can start the WAL again."""
+    limit = 16 * 1024
+    monkeypatch.setattr(rules, "WAL_LIMIT_BYTES", limit)
+    monkeypatch.setattr(rules, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(SQLiteWriter, "_checkpoint", lambda self: None)
+    path = tmp_path / "rows.db"
+    database = open_database(f"sqlite+aiosqlite:///{path}", rows_process=True)
+    await database.start()
+    try:
+        _child(database)
+        largest = 0
+        for n in range(0, 40_000, 200):
+            await _submit_rows(database, Numbers(*range(n, n + 200)))
+            largest = max(largest, wal_size(path))
+        assert database._writer.transactions == 0  # type: ignore[union-attr]
+    finally:
+        await database.close()
+        await database.engine.dispose()
+    assert len(_numbers_of(path)) == 40_000
+    # 200 transactions, each a few pages: without a RESTART the WAL grew to all
+    # of them (about 2 MB); with one after each commit past the limit, it is
+    # the limit and the transaction that went past it.
+    assert largest < 4 * limit
+
+
+def _numbers_of(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return [x for (x,) in conn.execute("SELECT x FROM numbers")]

@@ -49,6 +49,7 @@ class SQLiteDatabase(Database):
                 path,
                 busy_timeout_ms=rules.SQLITE_BUSY_TIMEOUT_MS,
                 journal_size_limit=rules.WAL_LIMIT_BYTES,
+                checkpoint_seconds=rules.CHECKPOINT_SECONDS,
                 on_lost=self._recover_rows,
             )
             try:

@@ -1,7 +1,8 @@
 """The SQLite rows process's own code (see rows_process.py): it reads
 writes from its input, commits them and answers on its output.
 
-    python -m service.store.sqlite.rows_child PATH BUSY_TIMEOUT_MS JOURNAL_SIZE_LIMIT
+    python -m service.store.sqlite.rows_child PATH BUSY_TIMEOUT_MS JOURNAL_SIZE_LIMIT \
+        CHECKPOINT_SECONDS
 
 Only the standard library and orjson: it starts with every app.
 """
@@ -18,10 +19,12 @@ import orjson
 
 from service.store.sqlite.busy import while_busy
 from service.store.sqlite.framing import LENGTH, frames
+from service.store.sqlite.wal_restart import WalRestarts
 
 
 def main(argv: list[str]) -> None:
     path, busy_timeout_ms, journal_size_limit = argv[0], int(argv[1]), int(argv[2])
+    restarts = WalRestarts(path, journal_size_limit, float(argv[3]))
     # It ends when its input does, once what it was sent is written: a Ctrl-C
     # or SIGTERM meant for the service must not cut its writes short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -47,6 +50,7 @@ def main(argv: list[str]) -> None:
         writes = [orjson.loads(frame) for frame in frames(buffer)]
         if writes:
             _reply(answers, _write(conn, writes, busy_timeout_ms / 1000, set_up))
+            restarts.after_commit(conn)  # once the answers are out
     conn.close()
 
 

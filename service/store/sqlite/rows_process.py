@@ -58,11 +58,12 @@ class RowsProcess:
         *,
         busy_timeout_ms: int,
         journal_size_limit: int,
+        checkpoint_seconds: float,
         on_lost: Callable[[list[tuple[Rows, Done]]], None] | None = None,
     ) -> None:
         """``on_lost``: given the writes in the process's hands if it dies (they
         may have been committed); without it, they fail."""
-        self._args = [path, str(busy_timeout_ms), str(journal_size_limit)]
+        self._args = [path, str(busy_timeout_ms), str(journal_size_limit), str(checkpoint_seconds)]
         self._on_lost = on_lost
         self._transport: asyncio.SubprocessTransport | None = None
         self._out: asyncio.WriteTransport | None = None

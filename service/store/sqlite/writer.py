@@ -35,6 +35,7 @@ from ..encoding import dumps
 from ..errors import DatabaseClosed
 from . import connection as rules
 from .busy import is_busy
+from .wal_restart import WalRestarts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,6 +139,11 @@ class SQLiteWriter:
         self._path = make_url(url).database or ""
         self._checkpoint_seconds = rules.CHECKPOINT_SECONDS
         self._wal_limit = rules.WAL_LIMIT_BYTES
+        self._restarts = (
+            WalRestarts(self._path, self._wal_limit, self._checkpoint_seconds)
+            if self._path and self._path != ":memory:"
+            else None
+        )
         self._stopped = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._write = self._engine.execution_options(
@@ -188,6 +194,8 @@ class SQLiteWriter:
         for it nor for readers), copies the little written since, and the next
         write starts the WAL again; journal_size_limit then trims the file.
         The writer waits for it as for another process's writer (_while_busy).
+        Under steady writes the lock is seldom free: the writers then run the
+        RESTART themselves between commits (wal_restart.py).
         """
         conn = sqlite3.connect(self._path, check_same_thread=False)
         try:
@@ -287,6 +295,8 @@ class SQLiteWriter:
                     break
                 batch.append(queued)
             self._transact(conn, batch)
+            if self._restarts is not None:
+                self._restarts.after_commit(conn.connection.driver_connection)
             if stop:
                 return
 
