@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -367,30 +368,40 @@ async def test_the_writer_thread_starts_the_wal_again_past_its_limit(
 ) -> None:
     """With no checkpointer at all, the writer thread alone starts the WAL
     again between its commits."""
-    from service.store.sqlite import connection as db_module
     from service.store.sqlite.writer import SQLiteWriter
 
     limit = 64 * 1024
-    monkeypatch.setattr(db_module, "WAL_LIMIT_BYTES", limit)
-    monkeypatch.setattr(db_module, "CHECKPOINT_SECONDS", 0.0)
     monkeypatch.setattr(SQLiteWriter, "_checkpoint", lambda self: None)
     path = tmp_path / "wal.db"
-    db = open_database(f"sqlite+aiosqlite:///{path}")
-    await db.start()
-    try:
-        await db.write(lambda conn: conn.execute(sa.text("CREATE TABLE blobs (b BLOB)")))
+    async with blobs(path, monkeypatch, limit=limit, checkpoint_seconds=0.0) as db:
         largest = 0
         for _ in range(400):
             await db.write(
                 lambda conn: conn.execute(sa.text("INSERT INTO blobs VALUES (randomblob(16384))"))
             )
             largest = max(largest, wal_size(path))
-    finally:
-        await db.close()
-        await db.engine.dispose()
     # 6.4 MB went through the WAL; it never held more than the limit and the
     # commit that went past it.
     assert largest < 2 * limit
+
+
+@contextlib.asynccontextmanager
+async def blobs(
+    path: Path, monkeypatch: pytest.MonkeyPatch, *, limit: int, checkpoint_seconds: float
+) -> AsyncIterator[Database]:
+    """A database file with a table of blobs, its WAL bound to ``limit`` bytes."""
+    from service.store.sqlite import connection as db_module
+
+    monkeypatch.setattr(db_module, "WAL_LIMIT_BYTES", limit)
+    monkeypatch.setattr(db_module, "CHECKPOINT_SECONDS", checkpoint_seconds)
+    db = open_database(f"sqlite+aiosqlite:///{path}")
+    await db.start()
+    try:
+        await db.write(lambda conn: conn.execute(sa.text("CREATE TABLE blobs (b BLOB)")))
+        yield db
+    finally:
+        await db.close()
+        await db.engine.dispose()
 
 
 def wal_size(path: Path) -> int:
@@ -450,16 +461,9 @@ async def test_the_wal_stays_bounded_under_steady_writes(
     import asyncio
     import os
 
-    from service.store.sqlite import connection as db_module
-
     limit = 256 * 1024
-    monkeypatch.setattr(db_module, "WAL_LIMIT_BYTES", limit)
-    monkeypatch.setattr(db_module, "CHECKPOINT_SECONDS", 0.005)
     path = tmp_path / "wal.db"
-    db = open_database(f"sqlite+aiosqlite:///{path}")
-    await db.start()
-    try:
-        await db.write(lambda conn: conn.execute(sa.text("CREATE TABLE blobs (b BLOB)")))
+    async with blobs(path, monkeypatch, limit=limit, checkpoint_seconds=0.005) as db:
         largest = 0
 
         def insert(conn: sa.Connection) -> int:
@@ -476,9 +480,6 @@ async def test_the_wal_stays_bounded_under_steady_writes(
         count = await db.write(
             lambda conn: conn.execute(sa.text("SELECT count(*) FROM blobs")).scalar()
         )
-    finally:
-        await db.close()
-        await db.engine.dispose()
     assert count == 2000
     # Without the RESTART the WAL grew to 36 MB (all that went through it);
     # with it, 2 to 4.5 MB in most runs (what a few checkpoint intervals
