@@ -41,7 +41,7 @@ class WalRestarts:
         try:
             if os.stat(self._wal).st_size <= self._limit:
                 return
-        except FileNotFoundError:  # not in WAL mode
+        except OSError:  # no WAL file (not in WAL mode), or unreadable: nothing to do
             return
         self._next = now + self._interval
         try:
