@@ -65,7 +65,7 @@ def submission_args(subs: Sequence[Submission], hand_off: HandOff | None) -> tup
 
 # Relayed events, and their keys' last use, in one statement. An id already in
 # the outbox is left as it is, and so is the second of an id met twice in the
-# batch (rows go in the batch's order); RETURNING names the rows written. A key's
+# batch (an id's rows go in the batch's order); RETURNING names the rows written. A key's
 # last use only moves forward, whichever batch commits first. The NOTIFY goes
 # with rows written pending.
 RELAYED = f"""
@@ -75,7 +75,9 @@ WITH events AS (
     SELECT e.id, e.name, e.payload::json, $6, 0, e.at, e.at, $7, $8, $9, e.origin
     FROM unnest($1::varchar[], $2::text[], $3::text[], $4::timestamptz[], $5::varchar[])
         WITH ORDINALITY AS e(id, name, payload, at, origin, n)
-    ORDER BY e.n
+    -- In id order, so that batches holding the same new ids never wait on
+    -- each other's in opposite orders; the first of an id met twice first.
+    ORDER BY e.id, e.n
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 ), keys AS (

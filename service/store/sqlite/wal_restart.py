@@ -28,7 +28,8 @@ class WalRestarts:
     and that must not follow every commit."""
 
     def __init__(self, path: str, limit: int, interval: float) -> None:
-        self._wal = f"{path}-wal"
+        # SQLite keeps the WAL next to the file a symbolic link names.
+        self._wal = f"{os.path.realpath(path)}-wal"
         self._limit = limit
         self._interval = interval
         self._next = 0.0
@@ -38,12 +39,14 @@ class WalRestarts:
         now = time.monotonic()
         if now < self._next:
             return
+        # Looked at once an interval, not every commit: a stat gives up the
+        # GIL, and the writer thread would wait to take it back.
+        self._next = now + self._interval
         try:
             if os.stat(self._wal).st_size <= self._limit:
                 return
         except OSError:  # no WAL file (not in WAL mode), or unreadable: nothing to do
             return
-        self._next = now + self._interval
         try:
             # A lock taken or a reader in the WAL answers busy in the row, not
             # as an error: the next attempt comes after the interval.

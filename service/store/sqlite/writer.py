@@ -296,7 +296,10 @@ class SQLiteWriter:
                 batch.append(queued)
             self._transact(conn, batch)
             if self._restarts is not None:
-                self._restarts.after_commit(conn.connection.driver_connection)
+                try:
+                    self._restarts.after_commit(conn.connection.driver_connection)
+                except Exception as exc:  # an invalidated connection: the next job finds out
+                    log.warning("WAL restart skipped: %s", exc)
             if stop:
                 return
 
